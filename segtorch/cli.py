@@ -1,0 +1,138 @@
+"""The ``segtorch`` command: list | info | convert | download | predict.
+
+Errors print one line (``segtorch: error: ...``) and exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def cmd_list(args) -> int:
+    from .registry import list_models, model_card
+
+    names = list_models(args.pattern, dataset=args.dataset, family=args.family, backbone=args.backbone)
+    cards = [model_card(n) for n in names]
+    if args.json:
+        print(json.dumps([{"name": c.name, "family": c.family, "dataset": c.dataset, "backbone": c.backbone,
+                           "reported": c.reported, "aliases": list(c.aliases), "demo": c.demo} for c in cards],
+                         indent=2))
+        return 0
+    if not cards:
+        print("no model matches", file=sys.stderr)
+        return 1
+    width = max(len(c.name) for c in cards)
+    print(f"{'name':<{width}}  {'dataset':<15} {'backbone':<13} {'mIoU':>6} {'flip':>6} {'ms+flip':>7}")
+    for c in cards:
+        r = c.reported
+        tag = "  (demo)" if c.demo else ""
+        print(f"{c.name:<{width}}  {c.dataset:<15} {c.backbone:<13} {_fmt(r['miou']):>6} {_fmt(r['miou_flip']):>6} "
+              f"{_fmt(r['miou_ms_flip']):>7}{tag}")
+    print(f"{len(cards)} models")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .registry import model_card
+
+    card = model_card(args.name)
+    if args.json:
+        print(json.dumps(card.to_dict(), indent=2))
+        return 0
+    inf = card.inference
+    print(f"name:          {card.name}" + (f"  (aliases: {', '.join(card.aliases)})" if card.aliases else ""))
+    print(f"family:        {card.family} ({card.segmentor})")
+    print(f"backbone:      {card.backbone}")
+    print(f"dataset:       {card.dataset_title} [{card.dataset}], {card.num_classes} classes")
+    reported = ", ".join(f"{k} {v:.2f}" for k, v in card.reported.items() if v is not None) or "none published"
+    print(f"reported:      {reported} ({card.reported_split} split)")
+    print(f"weights:       {card.url}")
+    if card.hub:
+        print(f"hf mirror:     {card.hub['repo']} / {card.hub['file']}")
+    print(f"sha256:        {card.sha256 or 'unknown (trusted on first use)'}")
+    resize = card.preprocess["resize"]
+    print(f"test resize:   {resize.get('output_size')} keep_ratio={resize.get('keep_ratio')}; "
+          f"mean {card.preprocess['mean']} std {card.preprocess['std']} ({card.preprocess['channel_order']})")
+    crop = f", crop {inf['crop_size']} stride {inf['stride']}" if inf.get("mode") == "slide" else ""
+    print(f"inference:     {inf['mode']}{crop}, scales {inf['scales']}, flip {inf['flip']}")
+    tta = inf.get("tta", {})
+    if tta:
+        crop = f", crop {tta.get('crop_size')} stride {tta.get('stride')}" if tta.get("mode") == "slide" else ""
+        print(f"tta:           {tta.get('mode')}{crop}, scales {tta.get('scales')}, flip {tta.get('flip')} "
+              f"[{tta.get('source')}]")
+    t = card.training
+    print(f"training:      {t.get('schedule')}, crop {t.get('crop_size')}, {t.get('optimizer', {}).get('type')}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .api import convert
+
+    report = convert(args.src, args.dst, name=args.name, auxiliary=args.keep_auxiliary)
+    print(report.summary())
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .hub import fetch_weights
+    from .registry import model_card
+
+    for name in args.names:
+        path = fetch_weights(model_card(name))
+        print(f"{name}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segtorch", description="SSSegmentation checkpoints, ready to use.")
+    p.add_argument("--version", action="version", version=f"segtorch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("list", help="list models (with reported mIoU)")
+    s.add_argument("pattern", nargs="?", help="fnmatch pattern, e.g. 'isnet_*'")
+    s.add_argument("--dataset", help="ade20k, cityscapes, voc, cocostuff10k, lip, pascalcontext59")
+    s.add_argument("--family", help="pspnet, upernet, isnet, mcibi, idrnet")
+    s.add_argument("--backbone", help="substring of the backbone, e.g. R-101 or swin")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("info", help="show a model card")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true", help="the whole card as JSON")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("convert", help="convert a legacy .pth checkpoint to safetensors")
+    s.add_argument("src", help="the .pth (or .safetensors) file")
+    s.add_argument("dst", help="the .safetensors file to write")
+    s.add_argument("--name", required=True, help="the model the checkpoint belongs to")
+    s.add_argument("--keep-auxiliary", action="store_true", help="keep the auxiliary head (for fine-tuning)")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("download", help="fetch and cache model weights")
+    s.add_argument("names", nargs="+")
+    s.set_defaults(func=cmd_download)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("segtorch: interrupted", file=sys.stderr)
+        return 130
+    except (KeyError, ValueError, RuntimeError, OSError) as e:  # our errors are one line and say what is wrong
+        print(f"segtorch: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

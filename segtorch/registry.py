@@ -1,0 +1,174 @@
+"""Model cards: read ``model_cards/*.toml``, resolve names and aliases, suggest close names.
+
+A card is data only: everything segtorch knows about one published checkpoint (where its weights are, what
+it reported, the architecture's structural hyper-parameters, its test pipeline and inference settings, its
+training schedule). Names are validated before use and never reach the file system.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import fnmatch
+import functools
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+HF_ORG_ENV = "SEGTORCH_HF_ORG"
+
+
+class UnknownModelError(KeyError):
+    """An unknown or malformed model name; the message suggests the closest known names."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    name: str
+    family: str
+    dataset: str
+    backbone: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    url: str | None
+    hub: dict | None
+    sha256: str | None
+    reported: dict
+    architecture: dict
+    preprocess: dict
+    inference: dict
+    training: dict
+    aliases: tuple[str, ...] = ()
+    segmentor: str | None = None
+    dataset_title: str | None = None
+    reported_split: str | None = None
+    upstream_config: str | None = None
+    demo: bool = False
+    weights: str | None = None  # weights shipped inside the package (demo models), relative to the cards folder
+
+    @property
+    def miou(self) -> float | None:
+        return self.reported.get("miou")
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(dataclasses.asdict(self))
+
+
+def cards_dir() -> Path:
+    """``segtorch/model_cards`` in an installed wheel, ``<repo>/model_cards`` in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "model_cards", here.parent / "model_cards"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"segtorch's model_cards folder is missing (looked in {here} and {here.parent})")
+
+
+def _load_toml(path: Path) -> dict:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    with open(path, "rb") as f:
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML: {e}") from None
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _registry() -> tuple[dict[str, ModelCard], dict[str, str]]:
+    folder = cards_dir()
+    datasets = _load_toml(folder / "datasets.toml")
+    cards: dict[str, ModelCard] = {}
+    aliases: dict[str, str] = {}
+    fields = {f.name for f in dataclasses.fields(ModelCard)}
+    for path in sorted(folder.glob("*.toml")):
+        if path.name == "datasets.toml":
+            continue
+        data = _load_toml(path)
+        defaults = data.get("defaults", {})
+        for name, entry in data.get("models", {}).items():
+            if not _NAME_RE.match(name) or name in cards:
+                raise ValueError(f"{path}: invalid or duplicate model name {name!r}")
+            entry = deep_merge(defaults, entry)
+            ds = datasets.get(entry["dataset"])
+            if ds is None:
+                raise ValueError(f"{path}: model {name!r} names unknown dataset {entry['dataset']!r}")
+            unknown = set(entry) - fields
+            if unknown:
+                raise ValueError(f"{path}: model {name!r} has unknown fields {sorted(unknown)}")
+            card = ModelCard(
+                name=name, class_names=tuple(ds["class_names"]), palette=tuple(map(tuple, ds["palette"])),
+                dataset_title=ds.get("title"), aliases=tuple(entry.pop("aliases", ())),
+                url=entry.pop("url", None), hub=entry.pop("hub", None), sha256=entry.pop("sha256", None),
+                reported={k: entry.get("reported", {}).get(k) for k in ("miou", "miou_flip", "miou_ms_flip")},
+                **{k: v for k, v in entry.items() if k not in ("reported",)},
+            )
+            cards[name] = card
+            for alias in card.aliases:
+                aliases[alias] = name
+    return cards, aliases
+
+
+def _hub_with_org(card: ModelCard) -> ModelCard:
+    org = os.environ.get(HF_ORG_ENV)
+    if not org or not card.hub:
+        return card
+    repo = f"{org}/{card.hub['repo'].split('/', 1)[-1]}"
+    return dataclasses.replace(card, hub={**card.hub, "repo": repo})
+
+
+def resolve_name(name: str) -> str:
+    """Canonical name for ``name`` (a name or an alias); a clear error with suggestions otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a string, got {type(name).__name__}")
+    cards, aliases = _registry()
+    if name in cards:
+        return name
+    if name in aliases:
+        return aliases[name]
+    if not _NAME_RE.match(name):
+        raise UnknownModelError(f"{name!r} is not a model name: names use lowercase letters, digits and '_' "
+                                f"(see segtorch.list_models())")
+    close = difflib.get_close_matches(name, list(cards) + list(aliases), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see segtorch.list_models()"
+    raise UnknownModelError(f"unknown model {name!r}{hint}")
+
+
+def model_card(name: str) -> ModelCard:
+    return _hub_with_org(_registry()[0][resolve_name(name)])
+
+
+def list_models(pattern: str | None = None, *, dataset: str | None = None, family: str | None = None,
+                backbone: str | None = None) -> list[str]:
+    """Sorted canonical names; ``pattern`` uses fnmatch wildcards and also matches aliases."""
+    cards, aliases = _registry()
+    names = set(cards)
+    if pattern:
+        names = {n for n in cards if fnmatch.fnmatchcase(n, pattern)}
+        names |= {target for alias, target in aliases.items() if fnmatch.fnmatchcase(alias, pattern)}
+    out = []
+    for n in names:
+        c = cards[n]
+        if dataset and c.dataset != dataset:
+            continue
+        if family and c.family != family:
+            continue
+        if backbone and backbone.lower() not in c.backbone.lower() and backbone.lower() not in n:
+            continue
+        out.append(n)
+    return sorted(out)
