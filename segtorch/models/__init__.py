@@ -1,0 +1,1 @@
+"""Architectures: backbones, heads and the segmentor that joins them."""

@@ -1,0 +1,79 @@
+"""UPerNet: PPM on the last stage plus an FPN over the earlier stages, fused and classified."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers import ActLayer, ConvNormAct, NormLayer, not_inplace
+from ..segmentor import Segmentor
+from .psp import PyramidPoolingModule
+
+
+class UPerHead(nn.Module):
+    """PPM + FPN producing ``feats_channels`` maps at the stride of the first input; no classifier.
+
+    Attribute names (``ppm_net``, ``lateral_convs``, ``fpn_convs``) are the toolbox's; UPerNet and IDRNet's
+    UPerNet decoder register these same modules directly under their own names.
+    """
+
+    def __init__(self, in_channels_list: Sequence[int], feats_channels: int, pool_scales: Sequence[int],
+                 align_corners: bool = False, norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
+        super().__init__()
+        self.align_corners = align_corners
+        self.ppm_net = PyramidPoolingModule(in_channels_list[-1], feats_channels, pool_scales, align_corners,
+                                            norm_layer, act_layer)
+        lateral_act = not_inplace(act_layer)  # lateral outputs are summed into afterwards
+        self.lateral_convs = nn.ModuleList(
+            ConvNormAct(c, feats_channels, 1, norm_layer=norm_layer, act_layer=lateral_act)
+            for c in in_channels_list[:-1])
+        self.fpn_convs = nn.ModuleList(
+            ConvNormAct(feats_channels, feats_channels, 3, norm_layer=norm_layer, act_layer=lateral_act)
+            for _ in in_channels_list[:-1])
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        return fpn_fuse(feats, self.ppm_net, self.lateral_convs, self.fpn_convs, self.align_corners)
+
+
+def fpn_fuse(feats: Sequence[torch.Tensor], ppm_net: nn.Module, lateral_convs: nn.ModuleList,
+             fpn_convs: nn.ModuleList, align_corners: bool) -> torch.Tensor:
+    """Top-down FPN over ``feats`` with the PPM output on top; returns all levels concatenated at level 0."""
+    laterals = [conv(f) for conv, f in zip(lateral_convs, feats[:-1])]
+    laterals.append(ppm_net(feats[-1]))
+    for i in range(len(laterals) - 1, 0, -1):
+        laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[2:],
+                                                          mode="bilinear", align_corners=align_corners)
+    outs = [conv(lat) for conv, lat in zip(fpn_convs, laterals[:-1])] + [laterals[-1]]
+    size = outs[0].shape[2:]
+    outs = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=align_corners) for o in outs[1:]]
+    return torch.cat(outs, dim=1)
+
+
+class UPerNet(Segmentor):
+    def __init__(self, backbone: nn.Module, num_classes: int, in_channels_list: Sequence[int] = (256, 512, 1024, 2048),
+                 feats_channels: int = 512, pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1,
+                 selected_indices: Sequence[int] | None = None, align_corners: bool = False,
+                 norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
+        super().__init__(backbone, num_classes, selected_indices, align_corners)
+        head = UPerHead(in_channels_list, feats_channels, pool_scales, align_corners, norm_layer, act_layer)
+        # the toolbox keeps these three at the top level of the segmentor
+        self.ppm_net, self.lateral_convs, self.fpn_convs = head.ppm_net, head.lateral_convs, head.fpn_convs
+        self.decoder = nn.Sequential(
+            *ConvNormAct(feats_channels * len(in_channels_list), feats_channels, 3, norm_layer=norm_layer,
+                         act_layer=act_layer),
+            nn.Dropout2d(dropout), nn.Conv2d(feats_channels, num_classes, 1))
+
+    @classmethod
+    def from_config(cls, arch: Mapping, **kwargs) -> "UPerNet":
+        head = arch["head"]
+        if "feature2pyramid" in head:
+            raise ValueError("UPerNet with feature2pyramid is not a seed architecture and is not supported")
+        return cls(num_classes=arch["num_classes"], in_channels_list=head["in_channels_list"],
+                   feats_channels=head["feats_channels"], pool_scales=head["pool_scales"], dropout=head["dropout"],
+                   align_corners=arch["align_corners"], **kwargs)
+
+    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        fused = fpn_fuse(feats, self.ppm_net, self.lateral_convs, self.fpn_convs, self.align_corners)
+        return self.decoder(fused)
