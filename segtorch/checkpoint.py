@@ -1,0 +1,229 @@
+"""Checkpoint files: read legacy ``.pth`` safely, adapt their keys to segtorch's modules, write safetensors.
+
+Reading never unpickles code: ``torch.load(weights_only=True)`` only. Published files are dicts with the
+weights under ``model`` (files from elsewhere: ``state_dict`` or bare, sometimes ``module.``-prefixed); see
+``../shared/legacy-keys.md`` for what the toolbox wrote over the years.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from .hub import sha256_file
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint (missing, truncated, not a checkpoint, wrong architecture)."""
+
+
+# (old prefix, new prefix, why). Applied only when the file has the old keys and the model expects the new.
+LEGACY_KEY_RULES: tuple[tuple[str, str, str], ...] = (
+    # PSPNet/UPerNet files trained before 2020-12-14 (toolbox commit a21d066a renamed the PPM's fuse_layer);
+    # the ADE20K PSPNet R-50-D16, R-101-D8 and R-101-D16 files probably predate it.
+    ("ppm_net.fuse_layer.", "ppm_net.bottleneck.", "PPM fuse_layer renamed to bottleneck on 2020-12-14"),
+    # DeepLabV3 files of the same era (same commit; no seed family, the same rule for any such file).
+    ("aspp_net.fuse_layer.", "aspp_net.bottleneck.", "ASPP fuse_layer renamed to bottleneck on 2020-12-14"),
+)
+
+# Keys a file may carry that the inference model does not need: (regex, why, drop even if the model has it).
+# Dropped, and counted in the report.
+DROPPABLE_KEYS: tuple[tuple[str, str, bool], ...] = (
+    (r"^auxiliary_decoder\.", "training-only auxiliary head", False),
+    (r"(^|\.)num_batches_tracked$", "BatchNorm step counter", True),
+    (r"(^|\.)relative_position_index$", "Swin index table, rebuilt from the window size", False),
+    (r"(^|\.)selected_classes_counter$", "IDRNet training statistic", False),
+)
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    source: str
+    source_sha256: str | None
+    era: str
+    renamed: dict[str, int]
+    dropped: dict[str, int]
+    num_tensors: int
+    destination: str | None = None
+
+    def summary(self) -> str:
+        lines = [f"source: {self.source}", f"sha256: {self.source_sha256}", f"era: {self.era}",
+                 f"tensors kept: {self.num_tensors}"]
+        lines += [f"renamed {n} keys: {rule}" for rule, n in self.renamed.items()]
+        lines += [f"dropped {n} keys: {rule}" for rule, n in self.dropped.items()]
+        if self.destination:
+            lines.append(f"wrote: {self.destination}")
+        return "\n".join(lines)
+
+
+def _is_safetensors(path: Path) -> bool:
+    # 8-byte little-endian header length followed by a JSON object
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30)
+
+
+def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, dict]:
+    """Return (flat tensor dict, era, safetensors metadata) from a ``.pth`` or ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    if _is_safetensors(path):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: damaged safetensors file ({e})") from None
+        return tensors, "safetensors", meta
+    obj = _torch_load(path)
+    state, era = unwrap(obj, path)
+    return state, era, {}
+
+
+def _torch_load(path: Path):
+    import pickle
+    import zipfile
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    is_zip = zipfile.is_zipfile(path)
+    if magic == b"PK\x03\x04" and not is_zip:  # a PyTorch zip whose end (the zip directory) is missing
+        raise CheckpointError(f"{path}: damaged or truncated checkpoint (incomplete zip archive)")
+    if not (is_zip or magic[:1] == b"\x80"):  # PyTorch zip, or a pickle (files saved before the zip format)
+        raise CheckpointError(f"{path}: not a checkpoint (neither a PyTorch file nor safetensors)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise CheckpointError(f"{path}: refused to load: the file holds Python objects other than tensors "
+                              f"and segtorch never runs code from a checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: damaged or truncated checkpoint ({first})") from None
+
+
+def unwrap(obj, source: Path | str = "<checkpoint>") -> tuple[dict[str, torch.Tensor], str]:
+    """Find the weights in a loaded checkpoint object and name its era from the top-level keys."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: not a checkpoint (top level is {type(obj).__name__}, not a dict)")
+    if "cur_epoch" in obj or "cur_iter" in obj:
+        era = "toolbox, mid 2022 or later (cur_epoch/cur_iter)"
+    elif "epoch" in obj and "model" in obj:
+        era = "toolbox, 2020 to mid 2022 (epoch/model/optimizer)"
+    else:
+        era = "other"
+    for key in ("model", "state_dict"):
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(f"{source}: not a checkpoint (no tensors under 'model', 'state_dict' or the top level)")
+    if all(k.startswith("module.") for k in state):  # saved from a DataParallel/DDP wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state, era
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor] | Iterable[str],
+                     keep: Iterable[str] = ()) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, int]]:
+    """Apply the legacy key rules and drop what inference does not need.
+
+    ``expected``: the model's state-dict keys (and tensors, for shapes). Keys in ``keep`` prefixes are never
+    dropped (e.g. ``auxiliary_decoder.`` when fine-tuning with the auxiliary head).
+    Returns (state, renamed counts per rule, dropped counts per rule).
+    """
+    expected_keys = set(expected)
+    keep = tuple(keep)
+    renamed: dict[str, int] = {}
+    for old, new, why in LEGACY_KEY_RULES:
+        olds = [k for k in state if k.startswith(old)]
+        if olds and not any(k.startswith(old) for k in expected_keys) and any(k.startswith(new) for k in expected_keys):
+            for k in olds:
+                state[new + k[len(old):]] = state.pop(k)
+            renamed[f"{old}* -> {new}* ({why})"] = len(olds)
+    dropped: dict[str, int] = {}
+    for pattern, why, always in DROPPABLE_KEYS:
+        rx = re.compile(pattern)
+        gone = [k for k in state if rx.search(k) and (always or k not in expected_keys)
+                and not (keep and k.startswith(keep))]
+        for k in gone:
+            del state[k]
+        if gone:
+            dropped[f"{pattern} ({why})"] = len(gone)
+    return state, renamed, dropped
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str,
+                     optional: Iterable[str] = ()) -> None:
+    """Refuse, naming the keys, when the file does not fit the architecture. ``optional`` keys may be absent."""
+    optional = set(optional)
+    missing = sorted(k for k in expected if k not in state and k not in optional)
+    unexpected = sorted(k for k in state if k not in expected)
+    misshaped = sorted(f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+                       for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape))
+    if not (missing or unexpected or misshaped):
+        return
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            parts.append(f"{len(keys)} {label} keys: {shown}")
+    raise CheckpointError(f"{source}: does not match the architecture: " + "; ".join(parts))
+
+
+def optional_keys(model: torch.nn.Module) -> set[str]:
+    """Model keys a converted file may leave out because they carry no learned value."""
+    return {k for k in model.state_dict() if k.endswith("num_batches_tracked")}
+
+
+def write_safetensors(state: Mapping[str, torch.Tensor], dst: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
+    """Write atomically: a temporary file in the destination folder, then ``os.replace``."""
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        tensors = {k: v.detach().contiguous() for k, v in state.items()}
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def load_for_model(path: str | os.PathLike, model: torch.nn.Module, keep: Iterable[str] = ()
+                   ) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+    """Read ``path`` and return a state dict that fits ``model`` exactly (or raise CheckpointError)."""
+    path = Path(path)
+    state, era, meta = read_file(path)
+    expected = model.state_dict()
+    state, renamed, dropped = adapt_state_dict(state, expected, keep)
+    check_state_dict(state, expected, str(path), optional=optional_keys(model))
+    report = ConversionReport(source=str(path), source_sha256=meta.get("source_sha256"), era=era, renamed=renamed,
+                              dropped=dropped, num_tensors=len(state))
+    return state, report
+
+
+def safetensors_metadata(name: str, source_sha256: str | None, report: ConversionReport | None = None) -> dict:
+    from . import __version__
+
+    meta = {"format": "pt", "name": name, "segtorch_version": __version__}
+    if source_sha256:
+        meta["source_sha256"] = source_sha256
+    if report is not None:
+        meta["conversion"] = json.dumps({"era": report.era, "renamed": report.renamed, "dropped": report.dropped})
+    return meta
