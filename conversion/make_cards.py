@@ -160,7 +160,7 @@ def split_defaults(cards: dict[str, dict]) -> tuple[dict, dict[str, dict]]:
 
 def compact_arrays(text: str) -> str:
     """tomli-w writes one array element per line; put arrays of scalars on one line for readability."""
-    pattern = re.compile(r"\[\n((?:[ ]+[^\[\]{}\n]+,\n)+)\]")
+    pattern = re.compile(r"\[\n((?:[ ]+[^\[\]{}\n]+,\n)+)[ ]*\]")
     return pattern.sub(lambda m: "[" + ", ".join(x.strip().rstrip(",") for x in m.group(1).splitlines()) + "]", text)
 
 

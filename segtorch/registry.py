@@ -90,38 +90,68 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
+def _dataset(key: str) -> dict:
+    path = cards_dir() / "datasets" / f"{key}.toml"
+    if not _NAME_RE.match(key) or not path.is_file():
+        raise ValueError(f"unknown dataset {key!r} (no {path})")
+    return _load_toml(path)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(ModelCard)}
+
+
+@functools.lru_cache(maxsize=None)
+def _family(path: Path) -> dict[str, ModelCard]:
+    """The cards of one ``model_cards/<family>.toml`` file, its ``[defaults]`` merged in."""
+    data = _load_toml(path)
+    defaults = data.get("defaults", {})
+    cards = {}
+    for name, entry in data.get("models", {}).items():
+        if not _NAME_RE.match(name) or not name.startswith(f"{path.stem}_"):
+            # single-name lookups read only the file named by the name's first word
+            raise ValueError(f"{path}: model name {name!r} must be lowercase and start with '{path.stem}_'")
+        entry = deep_merge(defaults, entry)
+        unknown = set(entry) - _FIELDS
+        if unknown:
+            raise ValueError(f"{path}: model {name!r} has unknown fields {sorted(unknown)}")
+        ds = _dataset(entry["dataset"])
+        reported = entry.pop("reported", {})
+        cards[name] = ModelCard(
+            name=name, class_names=tuple(ds["class_names"]), palette=tuple(map(tuple, ds["palette"])),
+            dataset_title=ds.get("title"), aliases=tuple(entry.pop("aliases", ())),
+            url=entry.pop("url", None), hub=entry.pop("hub", None), sha256=entry.pop("sha256", None),
+            reported={k: reported.get(k) for k in ("miou", "miou_flip", "miou_ms_flip")}, **entry)
+    return cards
+
+
+def _family_files() -> list[Path]:
+    return sorted(cards_dir().glob("*.toml"))
+
+
+@functools.lru_cache(maxsize=None)
 def _registry() -> tuple[dict[str, ModelCard], dict[str, str]]:
-    folder = cards_dir()
-    datasets = _load_toml(folder / "datasets.toml")
+    """Every card and alias (reads every family file; single-name lookups avoid this, see ``_lookup``)."""
     cards: dict[str, ModelCard] = {}
     aliases: dict[str, str] = {}
-    fields = {f.name for f in dataclasses.fields(ModelCard)}
-    for path in sorted(folder.glob("*.toml")):
-        if path.name == "datasets.toml":
-            continue
-        data = _load_toml(path)
-        defaults = data.get("defaults", {})
-        for name, entry in data.get("models", {}).items():
-            if not _NAME_RE.match(name) or name in cards:
-                raise ValueError(f"{path}: invalid or duplicate model name {name!r}")
-            entry = deep_merge(defaults, entry)
-            ds = datasets.get(entry["dataset"])
-            if ds is None:
-                raise ValueError(f"{path}: model {name!r} names unknown dataset {entry['dataset']!r}")
-            unknown = set(entry) - fields
-            if unknown:
-                raise ValueError(f"{path}: model {name!r} has unknown fields {sorted(unknown)}")
-            card = ModelCard(
-                name=name, class_names=tuple(ds["class_names"]), palette=tuple(map(tuple, ds["palette"])),
-                dataset_title=ds.get("title"), aliases=tuple(entry.pop("aliases", ())),
-                url=entry.pop("url", None), hub=entry.pop("hub", None), sha256=entry.pop("sha256", None),
-                reported={k: entry.get("reported", {}).get(k) for k in ("miou", "miou_flip", "miou_ms_flip")},
-                **{k: v for k, v in entry.items() if k not in ("reported",)},
-            )
+    for path in _family_files():
+        for name, card in _family(path).items():
+            if name in cards:
+                raise ValueError(f"{path}: duplicate model name {name!r}")
             cards[name] = card
-            for alias in card.aliases:
-                aliases[alias] = name
+            aliases.update({alias: name for alias in card.aliases})
     return cards, aliases
+
+
+def _lookup(name: str) -> ModelCard | None:
+    """A card by canonical name, reading only its family's file (names start with the family)."""
+    if not _NAME_RE.match(name):
+        return None
+    path = cards_dir() / f"{name.split('_', 1)[0]}.toml"
+    if path.is_file():
+        card = _family(path).get(name)
+        if card is not None:
+            return card
+    return None
 
 
 def _hub_with_org(card: ModelCard) -> ModelCard:
@@ -136,21 +166,21 @@ def resolve_name(name: str) -> str:
     """Canonical name for ``name`` (a name or an alias); a clear error with suggestions otherwise."""
     if not isinstance(name, str):
         raise TypeError(f"model name must be a string, got {type(name).__name__}")
-    cards, aliases = _registry()
-    if name in cards:
+    if _lookup(name) is not None:
         return name
-    if name in aliases:
-        return aliases[name]
     if not _NAME_RE.match(name):
         raise UnknownModelError(f"{name!r} is not a model name: names use lowercase letters, digits and '_' "
                                 f"(see segtorch.list_models())")
+    cards, aliases = _registry()
+    if name in aliases:
+        return aliases[name]
     close = difflib.get_close_matches(name, list(cards) + list(aliases), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see segtorch.list_models()"
     raise UnknownModelError(f"unknown model {name!r}{hint}")
 
 
 def model_card(name: str) -> ModelCard:
-    return _hub_with_org(_registry()[0][resolve_name(name)])
+    return _hub_with_org(_lookup(resolve_name(name)))
 
 
 def list_models(pattern: str | None = None, *, dataset: str | None = None, family: str | None = None,

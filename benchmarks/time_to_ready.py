@@ -1,0 +1,87 @@
+"""Time to a ready model in a fresh process: segtorch vs the SSSegmentation toolbox, side by side.
+
+    python benchmarks/time_to_ready.py [--name pspnet_resnet101os8_ade20k] [--repeats 3]
+
+Three fresh-process timings, interleaved, median of --repeats:
+  torch     python -c "import torch"                                  (the floor)
+  segtorch  import segtorch + build + load the cached safetensors file
+  toolbox   import ssseg + BuildSegmentor + torch.load(.pth) + load_state_dict
+Weights are random (seeded) and written once to a temporary folder in both formats. Needs the toolbox
+(`ssseg`) importable for the third column; without it that column is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SEGTORCH = """
+import segtorch
+seg = segtorch.load({name!r}, checkpoint={path!r})
+"""
+TOOLBOX = """
+import copy, json, torch
+from ssseg.modules import BuildSegmentor
+cfg = copy.deepcopy(json.load(open({configs!r}))["configs"][{name!r}]["segmentor_cfg"])
+cfg["backbone"]["pretrained"] = False
+cfg["norm_cfg"] = {{"type": "BatchNorm2d"}}
+model = BuildSegmentor(cfg, mode="TEST")
+model.load_state_dict(torch.load({path!r}, map_location="cpu", weights_only=True)["model"])
+model.eval()
+"""
+
+
+def run(code: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", default="pspnet_resnet101os8_ade20k")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "tests"))
+    import torch
+    from parity import SEEDS_DIR, seeded_state_dict
+
+    import segtorch
+
+    try:
+        import ssseg  # noqa: F401
+        have_toolbox = True
+    except ImportError:
+        have_toolbox = False
+        print("toolbox (ssseg) not importable: its column is skipped")
+    with tempfile.TemporaryDirectory() as tmp:
+        pth, st = Path(tmp) / "model.pth", Path(tmp) / "model.safetensors"
+        state = seeded_state_dict(segtorch.create_model(args.name, auxiliary=True).state_dict())
+        torch.save({"cur_epoch": 1, "model": state}, pth)
+        segtorch.convert(pth, st, name=args.name)
+        cases = {"torch": "import torch",
+                 "segtorch": SEGTORCH.format(name=args.name, path=str(st))}
+        if have_toolbox:
+            cases["toolbox"] = TOOLBOX.format(name=args.name, path=str(pth),
+                                              configs=str(SEEDS_DIR / "upstream_configs.json"))
+        times = {k: [] for k in cases}
+        for _ in range(args.repeats):
+            for key, code in cases.items():  # interleaved, so drifts hit every column alike
+                times[key].append(run(code))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"model: {args.name}; fresh process, median of {args.repeats}")
+    for key, value in med.items():
+        print(f"  {key:<9} {value:6.2f} s   (runs: {', '.join(f'{t:.2f}' for t in times[key])})")
+    print(f"segtorch adds {med['segtorch'] - med['torch']:.2f} s to `import torch` (goal: at most 0.5 s)")
+    if "toolbox" in med:
+        print(f"ratio toolbox / segtorch: {med['toolbox'] / med['segtorch']:.2f}x (goal: at least 2.5x)")
+
+
+if __name__ == "__main__":
+    main()
