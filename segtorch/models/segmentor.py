@@ -115,17 +115,24 @@ def auxiliary_decoder(in_channels: int, out_channels: int, num_classes: int, dro
 NON_STRUCTURAL_BACKBONE_KEYS = ("structure_type", "pretrained", "pretrained_model_path", "use_checkpoint")
 
 
-def build_backbone(cfg: Mapping, norm_layer: NormLayer, act_layer: ActLayer) -> nn.Module:
+def build_backbone(cfg: Mapping, norm_layer: NormLayer) -> nn.Module:
     """``cfg``: the toolbox's backbone config. A backbone class takes those keys as constructor arguments,
-    or offers ``from_config(cfg, norm_layer=..., act_layer=...)`` where the names differ."""
+    or offers ``from_config(cfg, norm_layer=..., [act_layer=...])`` where the names differ.
+
+    The toolbox hands a backbone the segmentor's normalisation but never its activation: a backbone uses its
+    own default activation unless its config has ``act_cfg`` (the LIP configs' LeakyReLU is for the heads).
+    """
     cfg = {k: v for k, v in cfg.items() if k not in NON_STRUCTURAL_BACKBONE_KEYS}
     kind = cfg.pop("type")
     if kind not in BACKBONES:
         raise ValueError(f"unsupported backbone {kind!r}; known: {sorted(BACKBONES)}")
+    kwargs = {"norm_layer": norm_layer}
+    if "act_cfg" in cfg:
+        kwargs["act_layer"] = act_layer_from_cfg(cfg.pop("act_cfg"))
     cls = _import(BACKBONES[kind])
     if hasattr(cls, "from_config"):
-        return cls.from_config(cfg, norm_layer=norm_layer, act_layer=act_layer)
-    return cls(**cfg, norm_layer=norm_layer, act_layer=act_layer)
+        return cls.from_config(cfg, **kwargs)
+    return cls(**cfg, **kwargs)
 
 
 def build_segmentor(architecture: Mapping, auxiliary: bool = False) -> Segmentor:
@@ -143,7 +150,7 @@ def build_segmentor(architecture: Mapping, auxiliary: bool = False) -> Segmentor
     backbone_cfg = dict(arch["backbone"])
     backbone_norm = norm_layer_from_cfg(backbone_cfg.pop("norm_cfg")) if "norm_cfg" in backbone_cfg else norm_layer
     selected = backbone_cfg.pop("selected_indices", None)
-    backbone = build_backbone(backbone_cfg, backbone_norm, act_layer)
+    backbone = build_backbone(backbone_cfg, backbone_norm)
     cls = _import(SEGMENTORS[kind])
     model = cls.from_config(arch, backbone=backbone, selected_indices=selected, norm_layer=norm_layer,
                             act_layer=act_layer)
