@@ -604,7 +604,7 @@ def fetch_weights(card) -> Path:
     errors = []
     if card.hub:
         try:
-            return hf_download(card.hub["repo"], card.hub["file"])
+            return hf_download(card.hub["repo"], card.hub["file"], sha256=card.hub.get("sha256"))
         except OfflineError as exc:
             errors.append(str(exc))
         except DownloadError as exc:

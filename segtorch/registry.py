@@ -50,6 +50,8 @@ class ModelCard:
     dataset_title: str | None = None
     reported_split: str | None = None
     upstream_config: str | None = None
+    citation: str | None = None
+    license: str | None = None
     demo: bool = False
     weights: str | None = None  # weights shipped inside the package (demo models), relative to the cards folder
 
@@ -101,6 +103,14 @@ _FIELDS = {f.name for f in dataclasses.fields(ModelCard)}
 
 
 @functools.lru_cache(maxsize=None)
+def _checksums() -> dict:
+    """``model_cards/checksums.toml`` (written by conversion/convert_zoo.py): per model, the sha256 of the
+    GitHub release file (``pth``) and of the mirror's safetensors file (``safetensors``). Optional."""
+    path = cards_dir() / "checksums.toml"
+    return _load_toml(path) if path.is_file() else {}
+
+
+@functools.lru_cache(maxsize=None)
 def _family(path: Path) -> dict[str, ModelCard]:
     """The cards of one ``model_cards/<family>.toml`` file, its ``[defaults]`` merged in."""
     data = _load_toml(path)
@@ -116,6 +126,11 @@ def _family(path: Path) -> dict[str, ModelCard]:
             raise ValueError(f"{path}: model {name!r} has unknown fields {sorted(unknown)}")
         ds = _dataset(entry["dataset"])
         reported = entry.pop("reported", {})
+        sums = _checksums().get(name, {})
+        if sums.get("pth"):
+            entry["sha256"] = sums["pth"]
+        if sums.get("safetensors") and entry.get("hub"):
+            entry["hub"] = {**entry["hub"], "sha256": sums["safetensors"]}
         cards[name] = ModelCard(
             name=name, class_names=tuple(ds["class_names"]), palette=tuple(map(tuple, ds["palette"])),
             dataset_title=ds.get("title"), aliases=tuple(entry.pop("aliases", ())),
@@ -125,7 +140,7 @@ def _family(path: Path) -> dict[str, ModelCard]:
 
 
 def _family_files() -> list[Path]:
-    return sorted(cards_dir().glob("*.toml"))
+    return sorted(p for p in cards_dir().glob("*.toml") if p.name != "checksums.toml")
 
 
 @functools.lru_cache(maxsize=None)
