@@ -1,0 +1,64 @@
+"""Reduced-precision inference: an autocast context that refuses, with the reason, what the hardware cannot do.
+
+fp32 is the default and the only precision that reproduces the toolbox's numbers; bf16/fp16 trade a little
+accuracy in the scores for speed. The CPU runs bf16 fast only with AVX512-BF16 or AMX (elsewhere it is
+emulated, slower than fp32), and fp16 autocast is offered on CUDA only.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS or Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_supports_bf16() -> bool:
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def check_precision(device: torch.device | str, precision: str) -> None:
+    """Raise ValueError for an unknown precision, RuntimeError (with the reason) for one ``device`` lacks."""
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "fp32":
+        return
+    if device.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise RuntimeError("precision 'bf16' needs a GPU with bfloat16 support (Ampere or newer); "
+                               "use 'fp16' or 'fp32'")
+        return
+    if device.type == "cpu":
+        if precision == "fp16":
+            raise RuntimeError("precision 'fp16' is only offered on CUDA; on the CPU use 'bf16' (with "
+                               "AVX512-BF16 or AMX) or 'fp32'")
+        if not cpu_supports_bf16():
+            raise RuntimeError("precision 'bf16' on the CPU needs AVX512-BF16 or AMX (flags avx512_bf16 / "
+                               "amx_bf16 are not in /proc/cpuinfo); use 'fp32'")
+        return
+    raise RuntimeError(f"precision {precision!r} is not supported on device type {device.type!r}; use 'fp32'")
+
+
+def autocast_context(device: torch.device | str, precision: str = "fp32") -> contextlib.AbstractContextManager:
+    """A context manager for running the model at ``precision`` on ``device`` ("fp32": no autocast)."""
+    check_precision(device, precision)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[precision])

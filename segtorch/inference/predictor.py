@@ -1,0 +1,239 @@
+"""Class scores and label maps with the toolbox's test-time procedure (``inference`` + ``auginference`` of its
+segmentors, averaged as its ``inference.py`` / ``test.py`` average them), computed with less memory and time.
+
+The toolbox, per scale ``s`` (and per flip):
+  1. ``x_s = interpolate(x, scale_factor=s, bilinear)`` (the normalised, already resized input);
+  2. whole: ``scores = model(x_s)`` at the head's output stride (softmax there if ``softmax_before_resize``);
+     slide: every crop's scores resized to the crop (softmax if asked), summed into an ``x_s``-sized map,
+     divided by how many crops cover each pixel;
+  3. flip: the same on ``flip(x_s)``, the paired classes swapped, the scores flipped back;
+and then every scale's (and flip's) scores are resized *directly* to the output size (the original image)
+and averaged. Here every crop is added by slice into one buffer (the toolbox pads each crop to full size),
+crops are batched, each flipped crop runs in the same batch as its unflipped twin, and a scale's flipped and
+unflipped scores are summed before the (linear) resize, so each scale is resized once.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .image import ImageSource, preprocess, read_image
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+# Rough peak activation memory of a large segmentor per input pixel at fp32 (ResNet-101 os8, Swin-L, ViT-L
+# at 512x512 stay under it); sets how many crops go into one batch when ``batch_crops`` is not given.
+_BYTES_PER_PIXEL = 4096
+_CPU_PIXEL_BUDGET = 1 << 20  # about four 512x512 crops: batching gains little on the CPU, memory is shared
+# the temporary of the final resize is made channel-chunk by channel-chunk, at most this many elements
+_RESIZE_CHUNK_ELEMENTS = 1 << 25
+
+
+def _pixel_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(1, free // 2 // _BYTES_PER_PIXEL)
+    return _CPU_PIXEL_BUDGET
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if value is None:
+        raise ValueError(f"mode='slide' needs {name}")
+    if isinstance(value, (int, float)):
+        return int(value), int(value)
+    h, w = value
+    return int(h), int(w)
+
+
+def slide_windows(height: int, width: int, crop_size: Sequence[int], stride: Sequence[int]
+                  ) -> list[tuple[int, int, int, int]]:
+    """The toolbox's sliding-window grid as (y1, y2, x1, x2): ``crop_size``/``stride`` are (h, w); the last
+    window of a row/column is shifted back to end at the border; windows are clipped to small images."""
+    (ch, cw), (sh, sw) = crop_size, stride
+    rows = max(height - ch + sh - 1, 0) // sh + 1
+    cols = max(width - cw + sw - 1, 0) // sw + 1
+    boxes = []
+    for i in range(rows):
+        for j in range(cols):
+            y2, x2 = min(i * sh + ch, height), min(j * sw + cw, width)
+            boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
+    return boxes
+
+
+def _swap_index(num_classes: int, flip_pairs: Sequence[Sequence[int]]) -> list[int] | None:
+    """Channel order of flipped scores (left/right classes exchanged), applied pair by pair as the toolbox
+    does: every assignment reads the unswapped scores, so a later pair overrides an earlier one."""
+    if not flip_pairs:
+        return None
+    index = list(range(num_classes))
+    for a, b in flip_pairs:
+        index[a], index[b] = b, a
+    return index
+
+
+def _run(model: Model, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.float()  # an autocast forward gives half-precision scores; accumulate in float32
+
+
+def _unflip(scores: torch.Tensor, swap: list[int] | None) -> torch.Tensor:
+    if swap is not None:
+        scores = scores[:, swap]
+    return scores.flip(3)
+
+
+def _add_resized(buffer: torch.Tensor, scores: torch.Tensor, align_corners: bool) -> None:
+    """``buffer += resize(scores, buffer's size)``, the full-size temporary made a few channels at a time."""
+    size = buffer.shape[2:]
+    if scores.shape[2:] == size:  # a bilinear resize to the same size is the identity
+        buffer += scores
+        return
+    per_channel = buffer.shape[0] * size[0] * size[1]
+    step = max(1, _RESIZE_CHUNK_ELEMENTS // per_channel)
+    for c in range(0, buffer.shape[1], step):
+        buffer[:, c:c + step] += F.interpolate(scores[:, c:c + step], size=size, mode="bilinear",
+                                               align_corners=align_corners)
+
+
+def _whole(model: Model, x: torch.Tensor, *, flip: bool, swap: list[int] | None, softmax: bool,
+           batch_twin: bool) -> torch.Tensor:
+    """One scale, whole image: scores at the head's output stride, the flipped pass already added."""
+    n = x.shape[0]
+    if flip and batch_twin:
+        out = _run(model, torch.cat([x, x.flip(3)]))
+        plain, flipped = out[:n], out[n:]
+    else:
+        plain = _run(model, x)
+        flipped = _run(model, x.flip(3)) if flip else None
+    if softmax:
+        plain = plain.softmax(dim=1)
+        flipped = flipped.softmax(dim=1) if flipped is not None else None
+    if flipped is not None:
+        plain = plain + _unflip(flipped, swap)
+    return plain
+
+
+def _slide(model: Model, x: torch.Tensor, acc: torch.Tensor, *, crop_size: tuple[int, int],
+           stride: tuple[int, int], flip: bool, swap: list[int] | None, softmax: bool, align_corners: bool,
+           per_batch: int) -> None:
+    """One scale, sliding window: adds the crop-averaged scores (and the flipped pass's) into ``acc``
+    (N x C x H x W, the size of ``x``)."""
+    n, _, height, width = x.shape
+    boxes = slide_windows(height, width, crop_size, stride)
+    count = x.new_zeros((1, 1, height, width), dtype=torch.float32)
+    for y1, y2, x1, x2 in boxes:
+        count[:, :, y1:y2, x1:x2] += 1
+    # a flipped crop at box (x1, x2) of flip(x) is the flipped crop of x at (W - x2, W - x1); both passes
+    # use the same grid, so each box's flipped twin has its shape and shares its batch
+    work = [(box, mirrored) for box in boxes for mirrored in ((False, True) if flip else (False,))]
+    items_per_batch = max(1, per_batch // n)
+    for start in range(0, len(work), items_per_batch):
+        chunk = work[start:start + items_per_batch]
+        crops = []
+        for (y1, y2, x1, x2), mirrored in chunk:
+            crops.append(x[:, :, y1:y2, width - x2:width - x1].flip(3) if mirrored else x[:, :, y1:y2, x1:x2])
+        out = _run(model, torch.cat(crops) if len(crops) > 1 else crops[0])
+        crop_hw = crops[0].shape[2:]
+        if out.shape[2:] != crop_hw:
+            out = F.interpolate(out, size=crop_hw, mode="bilinear", align_corners=align_corners)
+        if softmax:
+            out = out.softmax(dim=1)
+        for k, ((y1, y2, x1, x2), mirrored) in enumerate(chunk):
+            # dividing each crop by its coverage before summing = the toolbox's sum-then-divide, per pass
+            scores = out[k * n:(k + 1) * n] / count[:, :, y1:y2, x1:x2]
+            if mirrored:
+                acc[:, :, y1:y2, width - x2:width - x1] += _unflip(scores, swap)
+            else:
+                acc[:, :, y1:y2, x1:x2] += scores
+
+
+def _model_dtype(model) -> torch.dtype | None:
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.dtype
+    return None
+
+
+@torch.inference_mode()
+def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_corners: bool,
+                 mode: str | None = "whole", crop_size: Sequence[int] | int | None = None,
+                 stride: Sequence[int] | int | None = None, scales: Sequence[float] | None = (1.0,),
+                 flip: bool | None = False, flip_pairs: Sequence[Sequence[int]] | None = (),
+                 softmax_before_resize: bool | None = False, batch_crops: int | None = None,
+                 output_size: Sequence[int] | None = None) -> torch.Tensor:
+    """Scores N x C x H x W for normalised ``images`` N x 3 x h x w, averaged over ``scales`` and (with
+    ``flip``) horizontal flips as the toolbox averages them. ``H x W`` is ``output_size`` (default: the input
+    size); every scale's scores are resized straight to it, as the toolbox resizes to the original image.
+
+    ``mode``: "whole" or "slide" (``crop_size``/``stride`` as (h, w)). ``flip_pairs``: classes that swap under
+    a horizontal flip (e.g. left/right arm). ``softmax_before_resize``: average probabilities (softmax at the
+    model's resolution, or per crop) instead of logits. ``batch_crops``: images per forward pass (default:
+    from a memory budget). ``None`` for any TTA argument means its default.
+    """
+    mode = mode or "whole"
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"mode must be 'whole' or 'slide', not {mode!r}")
+    scales = tuple(scales) if scales else (1.0,)
+    flip, softmax = bool(flip), bool(softmax_before_resize)
+    swap = _swap_index(num_classes, flip_pairs) if flip else None
+    if images.ndim != 4:
+        raise ValueError(f"images must be N x 3 x H x W, got shape {tuple(images.shape)}")
+    dtype = _model_dtype(model)
+    if dtype is not None and dtype != images.dtype and dtype.is_floating_point:
+        images = images.to(dtype)  # the toolbox casts inputs to the parameters' dtype
+    n, _, height, width = images.shape
+    out_h, out_w = (height, width) if output_size is None else (int(output_size[0]), int(output_size[1]))
+    budget = _pixel_budget(images.device)
+    if mode == "slide":
+        crop_hw, stride_hw = _pair(crop_size, "crop_size"), _pair(stride, "stride")
+        per_batch = batch_crops or max(1, budget // (crop_hw[0] * crop_hw[1]))
+
+    total = images.new_zeros((n, num_classes, out_h, out_w), dtype=torch.float32)
+    for s in scales:
+        # scale 1 is the identity for bilinear interpolation: skip the copy
+        x = images if float(s) == 1.0 else F.interpolate(images, scale_factor=s, mode="bilinear",
+                                                         align_corners=align_corners)
+        if mode == "whole":
+            # the flipped image joins its twin's batch if batch_crops allows two images each, or if the
+            # memory budget does
+            twin = 2 * n <= batch_crops if batch_crops else 2 * n * x.shape[2] * x.shape[3] <= budget
+            scores = _whole(model, x, flip=flip, swap=swap, softmax=softmax, batch_twin=twin)
+            _add_resized(total, scores, align_corners)
+            continue
+        direct = tuple(x.shape[2:]) == (out_h, out_w)
+        acc = total if direct else x.new_zeros((n, num_classes, x.shape[2], x.shape[3]), dtype=torch.float32)
+        _slide(model, x, acc, crop_size=crop_hw, stride=stride_hw, flip=flip, swap=swap, softmax=softmax,
+               align_corners=align_corners, per_batch=per_batch)
+        if not direct:
+            _add_resized(total, acc, align_corners)
+            del acc
+    total /= len(scales) * (2 if flip else 1)
+    return total
+
+
+def _model_device(model) -> torch.device:
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def predict_labels(model: Model, image_rgb: ImageSource, *, resize: Mapping | None, mean: Sequence[float],
+                   std: Sequence[float], device: torch.device | str | None = None, **infer_kwargs) -> np.ndarray:
+    """H x W int32 label map at the image's own size: the toolbox's full test pipeline (read, Resize,
+    Normalize, TTA scores resized back to the original size and averaged, argmax). ``image_rgb``: an HxWx3
+    uint8 RGB array, or anything ``read_image`` takes. ``infer_kwargs``: as for ``infer_logits``."""
+    image = image_rgb if isinstance(image_rgb, np.ndarray) and image_rgb.ndim == 3 and image_rgb.shape[2] == 3 \
+        and image_rgb.dtype == np.uint8 else read_image(image_rgb)
+    device = torch.device(device) if device is not None else _model_device(model)
+    x = preprocess(image, resize, mean, std).to(device)
+    with torch.inference_mode():
+        scores = infer_logits(model, x, output_size=image.shape[:2], **infer_kwargs)
+        labels = scores[0].argmax(dim=0).to(torch.int32)
+    return labels.cpu().numpy()

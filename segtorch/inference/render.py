@@ -1,0 +1,89 @@
+"""Pictures of label maps: colour masks, blends over the image (as the toolbox's ``inference.py`` draws them)
+and a legend of the classes."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+Palette = Sequence[Sequence[int]]
+
+
+def _palette_table(palette: Palette) -> np.ndarray:
+    table = np.asarray(palette, dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 3 or len(table) == 0:
+        raise ValueError(f"palette must be a non-empty list of (r, g, b) colours, got shape {table.shape}")
+    if table.min() < 0 or table.max() > 255:
+        raise ValueError("palette colours must be in 0-255")
+    return table.astype(np.uint8)
+
+
+def colorize(labels: np.ndarray, palette: Palette) -> np.ndarray:
+    """H x W class ids -> H x W x 3 uint8 RGB; ids outside the palette (e.g. an ignore label) are black."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be an H x W array, got shape {labels.shape}")
+    table = _palette_table(palette)
+    # one extra black row takes every out-of-range id, so the lookup is a single gather
+    table = np.concatenate([table, np.zeros((1, 3), np.uint8)])
+    ids = labels.astype(np.int64, copy=False)
+    ids = np.where((ids >= 0) & (ids < len(table) - 1), ids, len(table) - 1)
+    return table[ids]
+
+
+def overlay(image_rgb: np.ndarray, labels: np.ndarray, palette: Palette, alpha: float = 0.5) -> np.ndarray:
+    """The colour mask blended over the image: ``image * (1 - alpha) + mask * alpha``, truncated to uint8.
+    With ``alpha=0.5`` this is the toolbox's ``inference.py`` picture, in RGB."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    image = np.asarray(image_rgb)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be H x W x 3 RGB, got shape {image.shape}")
+    if image.shape[:2] != np.shape(labels):
+        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} but labels are "
+                         f"{np.shape(labels)[1]}x{np.shape(labels)[0]} (width x height)")
+    mask = colorize(labels, palette)
+    blended = image.astype(np.float64) * (1.0 - alpha) + mask.astype(np.float64) * alpha
+    return blended.astype(np.uint8)
+
+
+def legend(class_names: Sequence[str], palette: Palette, present: Iterable[int] | np.ndarray | None = None,
+           rows_per_column: int = 30) -> np.ndarray:
+    """An RGB image listing classes with their colour swatches. ``present``: the class ids to list (or a
+    label map, whose classes are listed); default all classes."""
+    table = _palette_table(palette)
+    if present is None:
+        ids = list(range(len(class_names)))
+    else:
+        arr = np.asarray(present if not isinstance(present, (set, frozenset)) else sorted(present))
+        ids = sorted({int(i) for i in np.unique(arr)} if arr.ndim >= 2 else {int(i) for i in arr.ravel()})
+    ids = [i for i in ids if 0 <= i < min(len(class_names), len(table))]
+
+    font = ImageFont.load_default()
+    line, swatch, pad = 18, 14, 6
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_width(text: str) -> int:
+        left, _, right, _ = probe.textbbox((0, 0), text, font=font)
+        return int(math.ceil(right - left))
+
+    labels = [f"{i}: {class_names[i]}" for i in ids] or ["(no classes)"]
+    rows = max(1, min(rows_per_column, len(labels)))
+    columns = [labels[c:c + rows] for c in range(0, len(labels), rows)]
+    col_widths = [pad + swatch + pad + max(text_width(t) for t in col) + 2 * pad for col in columns]
+    canvas = Image.new("RGB", (sum(col_widths), pad + rows * line + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    x0, k = 0, 0
+    for col, col_width in zip(columns, col_widths):
+        for r, text in enumerate(col):
+            y = pad + r * line
+            if ids:
+                color = tuple(int(v) for v in table[ids[k]])
+                draw.rectangle([x0 + pad, y + 2, x0 + pad + swatch - 1, y + 1 + swatch], fill=color,
+                               outline=(0, 0, 0))
+                k += 1
+            draw.text((x0 + pad + swatch + pad, y + 2), text, fill=(0, 0, 0), font=font)
+        x0 += col_width
+    return np.asarray(canvas, dtype=np.uint8).copy()

@@ -1,0 +1,526 @@
+"""The inference engine against the toolbox's test-time procedure, image reading, rendering and helpers.
+
+Parity has two sources of truth, as in test_parity.py:
+- recorded: the toolbox's outputs for the cases of tests/fixtures/record_inference.py (seeded
+  ``pspnet_resnet50os8_ade20k``; whole, slide with images larger/smaller than the crop, multi-scale + flip,
+  a 20-class LIP head with left/right class swaps, and image files through the whole test pipeline);
+- live: the toolbox itself where ``ssseg`` is importable (full tensors compared, plus a tiny stand-in
+  network under the toolbox's own ``auginference`` for many more settings); skipped otherwise.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from parity import relative_error, seeded_state_dict, upstream_configs
+from segtorch.inference import (ImageReadError, autocast_context, colorize, fold_batchnorm, infer_logits, legend,
+                                overlay, predict_labels, preprocess, read_image, resized_size, slide_windows)
+from segtorch.inference import precision as precision_mod
+from segtorch.inference.fuse import conv_bn_pairs
+
+
+def _load_recorder():
+    path = Path(__file__).resolve().parent / "fixtures" / "record_inference.py"
+    spec = importlib.util.spec_from_file_location("record_inference", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("record_inference", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+rec = _load_recorder()
+CASES = list(rec.CASES)
+TOLERANCE = 1e-4
+
+
+def _toolbox_importable() -> bool:
+    try:
+        import ssseg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAS_TOOLBOX = _toolbox_importable()
+needs_toolbox = [pytest.mark.reference,
+                 pytest.mark.skipif(not HAS_TOOLBOX, reason="the SSSegmentation toolbox (ssseg) is not importable")]
+
+
+def toolbox_only(test):
+    for mark in needs_toolbox:
+        test = mark(test)
+    return test
+
+
+# ---- segtorch's side of the parity cases (computed once per session) -----------------------------------------
+@functools.lru_cache(maxsize=2)
+def our_model(head: str) -> nn.Module:
+    from segtorch.models.segmentor import build_segmentor
+
+    if head == "lip":  # the same network with a 20-class classifier
+        model = copy.deepcopy(our_model("ade"))
+        model.load_state_dict(rec.use_lip_head(model, model.state_dict()), strict=True)
+        return model.eval()
+    model = build_segmentor(upstream_configs()[rec.CONFIG]["segmentor_cfg"]).eval()
+    model.load_state_dict(seeded_state_dict(model.state_dict()), strict=True)
+    return model
+
+
+def infer_kwargs(case: str) -> dict:
+    c = rec.CASES[case]
+    lip = c["head"] == "lip"
+    return dict(num_classes=20 if lip else 150, align_corners=False, mode=c["mode"], crop_size=c.get("crop"),
+                stride=c.get("stride"), scales=c["scales"], flip=c["flip"], flip_pairs=rec.LIP_PAIRS if lip else (),
+                softmax_before_resize=c["softmax"])
+
+
+@pytest.fixture(scope="session")
+def case_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("inference_cases")
+
+
+@functools.lru_cache(maxsize=None)
+def our_outputs(case: str, folder: Path) -> dict:
+    c = rec.CASES[case]
+    model = our_model(c["head"])
+    out = {}
+    if "image" in c:
+        path = rec.write_case_image(case, folder)
+        image = read_image(path)
+        x = preprocess(image, c["resize"], rec.MEAN, rec.STD)
+        out["input"] = x
+        out["scores"] = infer_logits(model, x, output_size=image.shape[:2], **infer_kwargs(case))
+        if c["mode"] == "whole" and c["scales"] == [1]:  # one cheap forward: the public entry point itself
+            out["labels"] = predict_labels(model, path, resize=c["resize"], mean=rec.MEAN, std=rec.STD,
+                                           **infer_kwargs(case))[None]
+        else:  # what predict_labels does after preprocessing, without running the TTA twice
+            out["labels"] = out["scores"].argmax(dim=1).numpy()
+    else:
+        out["scores"] = infer_logits(model, rec.seeded_images(case), **infer_kwargs(case))
+        out["labels"] = out["scores"].argmax(dim=1).numpy()
+    return out
+
+
+def assert_labels_match(ours: np.ndarray, ref: np.ndarray, scores: torch.Tensor) -> None:
+    """Equal everywhere but at near-ties of the two best classes (where float rounding may pick either)."""
+    assert ours.shape == ref.shape, f"label map {ours.shape} != {ref.shape}"
+    differ = ours != ref
+    if differ.any():
+        top2 = scores.topk(2, dim=1).values
+        margin = (top2[:, 0] - top2[:, 1]).numpy().reshape(ours.shape)
+        assert margin[differ].max() < 1e-4 * max(1.0, float(scores.abs().max())), \
+            f"{int(differ.sum())} labels differ away from ties"
+
+
+# ---- recorded reference -------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def recorded() -> dict:
+    if not rec.FIXTURE.exists():
+        pytest.fail(f"no recorded toolbox outputs: run tests/fixtures/record_inference.py (-> {rec.FIXTURE})")
+    with np.load(rec.FIXTURE) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    return {"meta": meta, "arrays": arrays}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_recorded_toolbox_outputs(case, case_dir):
+    ref = recorded()
+    assert ref["meta"]["cases"][case] == json.loads(json.dumps(rec.CASES[case])), \
+        f"{case}: the case changed since recording; re-run tests/fixtures/record_inference.py"
+    a = {k.split("/", 1)[1]: v for k, v in ref["arrays"].items() if k.startswith(case + "/")}
+    ours = our_outputs(case, case_dir)
+    scores = ours["scores"]
+    assert list(scores.shape) == a["shape"].tolist()
+    flat = scores.reshape(-1)[torch.from_numpy(a["index"])]
+    err = relative_error(flat, torch.from_numpy(a["values"]))
+    assert err < TOLERANCE, f"{case}: sampled scores relative error {err:.2e}"
+    means = scores.double().mean(dim=(0, 2, 3))
+    err = relative_error(means, torch.from_numpy(a["channel_mean"]))
+    assert err < TOLERANCE, f"{case}: per-class mean relative error {err:.2e}"
+    assert_labels_match(ours["labels"].astype(np.int64), a["labels"].astype(np.int64), scores)
+    if "input" in ours:
+        x = ours["input"]
+        assert list(x.shape) == a["input_shape"].tolist()
+        sample = x.reshape(-1)[torch.from_numpy(a["input_index"])].numpy()
+        np.testing.assert_allclose(sample, a["input_values"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(x.double().mean(dim=(0, 2, 3)).numpy(), a["input_channel_mean"], rtol=1e-7)
+
+
+# ---- live toolbox -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [pytest.param(c, marks=needs_toolbox) for c in CASES])
+def test_live_toolbox_outputs(case, case_dir, tmp_path):
+    ref = rec.reference_outputs(case, tmp_path)
+    ours = our_outputs(case, case_dir)
+    if "input" in ref:  # read + Resize + Normalize + ToTensor: the very same numbers
+        assert torch.equal(ours["input"], torch.from_numpy(ref["input"]))
+    err = relative_error(ours["scores"], torch.from_numpy(ref["scores"]))
+    assert err < TOLERANCE, f"{case}: relative error {err:.2e}"
+    assert_labels_match(ours["labels"].astype(np.int64), ref["labels"].astype(np.int64), ours["scores"])
+
+
+class TinyNet(nn.Module):
+    """A fast stand-in segmentor: scores at 1/4 resolution (exercises the resizes like a real head)."""
+
+    def __init__(self, num_classes: int = 20):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(8, num_classes, 3, stride=2, padding=1))
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def toolbox_tiny(net: nn.Module, num_classes: int, align_corners: bool, inference_cfg: dict):
+    """The toolbox's BaseSegmentor (its own ``inference``/``auginference``) around ``net``."""
+    from ssseg.modules.models.segmentors.base import BaseSegmentor
+    from ssseg.modules.utils import SSSegOutputStructure
+
+    class Wrapped(BaseSegmentor):
+        def __init__(self):
+            nn.Module.__init__(self)
+            self.cfg = {"num_classes": num_classes, "inference": inference_cfg}
+            self.mode, self.align_corners, self.net = "TEST", align_corners, net
+
+        def forward(self, data_meta):
+            return SSSegOutputStructure(mode=self.mode, seg_logits=self.net(data_meta.images))
+
+    return Wrapped().eval()
+
+
+TINY_SETTINGS = {
+    "whole_ms_flip_pairs": dict(mode="whole", scales=[0.5, 1, 1.5], flip=True, softmax=False, align=False),
+    "whole_probs_align": dict(mode="whole", scales=[0.75, 1.25], flip=True, softmax=True, align=True),
+    "slide_ms_flip": dict(mode="slide", crop=[24, 20], stride=[16, 13], scales=[0.5, 1.0, 1.75], flip=True,
+                          softmax=True, align=False),
+    "slide_logits_align": dict(mode="slide", crop=[31, 80], stride=[9, 21], scales=[1.0, 1.25], flip=False,
+                               softmax=False, align=True),
+    "slide_crop_bigger": dict(mode="slide", crop=[64, 64], stride=[32, 32], scales=[1.0], flip=True,
+                              softmax=True, align=False),
+}
+
+
+@pytest.mark.parametrize("setting", [pytest.param(s, marks=needs_toolbox) for s in TINY_SETTINGS])
+def test_live_toolbox_tiny_network(setting):
+    s = TINY_SETTINGS[setting]
+    net = TinyNet().eval()
+    pairs = [[15, 14], [17, 16], [19, 18], [3, 4]]
+    cfg = {"forward": {"mode": s["mode"], "cropsize": s.get("crop"), "stride": s.get("stride")},
+           "tta": {"multiscale": s["scales"], "flip": s["flip"], "use_probs_before_resize": s["softmax"],
+                   "fixed_seg_target_pairs": pairs}}
+    x = torch.randn(2, 3, 45, 59, generator=torch.Generator().manual_seed(1))
+    out_size = (53, 41)
+    with torch.no_grad():
+        ref_list = toolbox_tiny(net, 20, s["align"], cfg).auginference(x)
+        ref = sum(F.interpolate(r, size=out_size, mode="bilinear", align_corners=s["align"]) for r in ref_list)
+        ref = ref / len(ref_list)
+    ours = infer_logits(net, x, num_classes=20, align_corners=s["align"], mode=s["mode"], crop_size=s.get("crop"),
+                        stride=s.get("stride"), scales=s["scales"], flip=s["flip"], flip_pairs=pairs,
+                        softmax_before_resize=s["softmax"], batch_crops=5, output_size=out_size)
+    assert relative_error(ours, ref) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(71, 53), (53, 71), (480, 640), (1024, 2048), (300, 300), (9, 1000)])
+@pytest.mark.parametrize("resize", [dict(output_size=[2048, 512], keep_ratio=True),
+                                    dict(output_size=[96, 64], keep_ratio=True, min_size=70),
+                                    dict(output_size=[473, 473], keep_ratio=False),
+                                    dict(output_size=[57, 45], keep_ratio=False)],
+                         ids=["ade", "min_size", "lip", "non_square"])
+@toolbox_only
+def test_live_toolbox_preprocess(shape, resize):
+    from ssseg.modules.datasets.pipelines.transforms import Normalize, Resize, ToTensor
+
+    rgb = np.random.default_rng(shape[0] * 7 + shape[1]).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    meta = {"image": np.ascontiguousarray(rgb[..., ::-1])}  # the toolbox holds BGR from cv2.imread
+    for t in (Resize(scale_range=None, **resize), Normalize(rec.MEAN, rec.STD), ToTensor()):
+        meta = t(meta)
+    assert resized_size(*shape, resize) == tuple(meta["image"].shape[1:])
+    assert torch.equal(preprocess(rgb, resize, rec.MEAN, rec.STD)[0], meta["image"])
+
+
+# ---- engine behaviour without the toolbox -------------------------------------------------------------------
+def test_resized_size_rules():
+    ade = dict(output_size=[2048, 512], keep_ratio=True)
+    assert resized_size(512, 683, ade) == (512, 683)
+    assert resized_size(375, 500, ade) == (512, 683)  # 500 * 1.3653 = 682.67 -> rounded half up
+    assert resized_size(1024, 2048, dict(output_size=[2048, 1024], keep_ratio=True)) == (1024, 2048)
+    assert resized_size(71, 53, dict(output_size=[96, 64], keep_ratio=True)) == (86, 64)
+    assert resized_size(71, 53, dict(output_size=[96, 64], keep_ratio=True, min_size=70)) == (94, 70)
+    assert resized_size(59, 83, dict(output_size=[57, 45], keep_ratio=False)) == (45, 57)  # landscape
+    assert resized_size(83, 59, dict(output_size=[57, 45], keep_ratio=False)) == (57, 45)  # portrait
+    with pytest.raises(ValueError, match="scale_range"):
+        resized_size(10, 10, dict(output_size=[20, 20], scale_range=[0.5, 2.0]))
+
+
+def test_slide_windows_grid():
+    assert slide_windows(67, 93, (48, 48), (32, 32)) == [
+        (0, 48, 0, 48), (0, 48, 32, 80), (0, 48, 45, 93), (19, 67, 0, 48), (19, 67, 32, 80), (19, 67, 45, 93)]
+    assert slide_windows(45, 61, (48, 64), (32, 32)) == [(0, 45, 0, 61)]  # crop clipped to the image
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_batching_does_not_change_scores(mode):
+    net = TinyNet().eval()
+    x = torch.randn(2, 3, 45, 59, generator=torch.Generator().manual_seed(2))
+    kw = dict(num_classes=20, align_corners=False, mode=mode, crop_size=(24, 20), stride=(16, 13),
+              scales=(0.75, 1.0), flip=True, flip_pairs=[[15, 14]], softmax_before_resize=True)
+    runs = [infer_logits(net, x, batch_crops=b, **kw) for b in (1, 2, 3, 64, None)]
+    for other in runs[1:]:
+        assert relative_error(other, runs[0]) < 1e-6
+
+
+def test_infer_logits_defaults_and_errors():
+    net = TinyNet().eval()
+    x = torch.randn(1, 3, 33, 27)
+    a = infer_logits(net, x, num_classes=20, align_corners=False)
+    b = infer_logits(net, x, num_classes=20, align_corners=False, mode=None, scales=None, flip=None,
+                     flip_pairs=None, softmax_before_resize=None)  # a card's missing keys mean the defaults
+    assert a.shape == (1, 20, 33, 27) and torch.equal(a, b)
+    assert torch.equal(a, F.interpolate(net(x), size=(33, 27), mode="bilinear", align_corners=False))
+    with pytest.raises(ValueError, match="crop_size"):
+        infer_logits(net, x, num_classes=20, align_corners=False, mode="slide")
+    with pytest.raises(ValueError, match="mode"):
+        infer_logits(net, x, num_classes=20, align_corners=False, mode="sliding")
+
+
+def test_predict_labels_array_equals_path(tmp_path):
+    net = TinyNet().eval()
+    rgb = rec.case_image("pipeline_ade")
+    path = tmp_path / "image.png"
+    cv2.imwrite(str(path), rgb[..., ::-1])
+    kw = dict(resize=dict(output_size=[96, 64], keep_ratio=True), mean=rec.MEAN, std=rec.STD, num_classes=20,
+              align_corners=False)
+    a = predict_labels(net, path, **kw)
+    assert a.shape == rgb.shape[:2] and a.dtype == np.int32
+    assert np.array_equal(a, predict_labels(net, rgb, **kw))
+    assert np.array_equal(a, predict_labels(net, Image.fromarray(rgb), **kw))
+
+
+# ---- reading images -----------------------------------------------------------------------------------------
+RNG = np.random.default_rng(5)
+RGB = RNG.integers(0, 256, (29, 41, 3), dtype=np.uint8)
+
+
+def _toolbox_read(path: Path) -> np.ndarray:
+    """What the toolbox's dataset reader sees, in RGB."""
+    return cv2.imread(str(path))[..., ::-1]
+
+
+def test_read_formats_like_the_toolbox(tmp_path):
+    cases = {}
+    Image.fromarray(RGB).save(tmp_path / "rgb.png"); cases["rgb.png"] = RGB
+    Image.fromarray(RGB[..., 0]).save(tmp_path / "gray.png"); cases["gray.png"] = np.repeat(RGB[..., :1], 3, 2)
+    rgba = np.dstack([RGB, RNG.integers(0, 256, RGB.shape[:2], dtype=np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "rgba.png"); cases["rgba.png"] = RGB  # alpha dropped
+    pal = Image.fromarray(RGB).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pal.save(tmp_path / "palette.png"); cases["palette.png"] = np.asarray(pal.convert("RGB"))
+    g16 = RNG.integers(0, 65536, RGB.shape[:2], dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "gray16.png"), g16); cases["gray16.png"] = np.repeat((g16 >> 8)[..., None], 3, 2)
+    c16 = RNG.integers(0, 65536, RGB.shape, dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), c16[..., ::-1]); cases["rgb16.png"] = (c16 >> 8).astype(np.uint8)
+    Image.fromarray(RGB).save(tmp_path / "image.jpg", quality=90); cases["image.jpg"] = None
+    for name, expected in cases.items():
+        got = read_image(tmp_path / name)
+        assert got.dtype == np.uint8 and got.shape == (*RGB.shape[:2], 3) and got.flags.c_contiguous, name
+        assert np.array_equal(got, _toolbox_read(tmp_path / name)), name
+        if expected is not None:
+            assert np.array_equal(got, expected), name
+        assert np.array_equal(read_image(str(tmp_path / name)), got)
+        assert np.array_equal(read_image((tmp_path / name).read_bytes()), got), name
+
+
+def _exif_jpeg(path: Path, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(RGB).save(path, quality=95, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_read_applies_exif_orientation(tmp_path, orientation):
+    path = tmp_path / "rotated.jpg"
+    _exif_jpeg(path, orientation)
+    got = read_image(path)
+    expected_shape = RGB.shape if orientation == 3 else (RGB.shape[1], RGB.shape[0], 3)
+    assert got.shape == expected_shape
+    assert np.array_equal(got, _toolbox_read(path))
+    from PIL import ImageOps
+
+    pil = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    assert np.array_equal(read_image(Image.open(path)), pil)  # PIL input: EXIF applied too
+    assert np.abs(got.astype(int) - pil).max() <= 2  # same picture, whichever JPEG decoder
+
+
+def test_read_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        read_image(tmp_path / "missing.jpg")
+    (tmp_path / "notes.jpg").write_text("not an image at all\n")
+    with pytest.raises(ImageReadError, match=r"notes\.jpg: not an image file"):
+        read_image(tmp_path / "notes.jpg")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageReadError, match=r"empty\.png: empty file"):
+        read_image(tmp_path / "empty.png")
+    with pytest.raises(ImageReadError, match="directory"):
+        read_image(tmp_path)
+    Image.fromarray(RGB).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match=r"cut\.jpg: corrupt or truncated"):
+        read_image(tmp_path / "cut.jpg")
+    with pytest.raises(ImageReadError, match="truncated"):
+        read_image(data[: len(data) // 2])
+    Image.fromarray(RGB).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match=r"cut\.png: corrupt or truncated"):
+        read_image(tmp_path / "cut.png")
+    for err in (FileNotFoundError, ImageReadError):  # one line each
+        try:
+            read_image(tmp_path / ("missing.png" if err is FileNotFoundError else "cut.png"))
+        except err as e:
+            assert "\n" not in str(e)
+
+
+def test_read_accepts_jpeg_with_trailing_bytes(tmp_path):
+    Image.fromarray(RGB).save(tmp_path / "a.jpg", quality=90)
+    (tmp_path / "b.jpg").write_bytes((tmp_path / "a.jpg").read_bytes() + b"trailing metadata")
+    assert np.array_equal(read_image(tmp_path / "b.jpg"), read_image(tmp_path / "a.jpg"))
+
+
+def test_read_pil_and_array_inputs():
+    assert np.array_equal(read_image(Image.fromarray(RGB)), RGB)
+    assert np.array_equal(read_image(Image.fromarray(RGB).convert("RGBA")), RGB)
+    assert np.array_equal(read_image(Image.fromarray(RGB[..., 1])), np.repeat(RGB[..., 1:2], 3, 2))
+    pal = Image.fromarray(RGB).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    assert np.array_equal(read_image(pal), np.asarray(pal.convert("RGB")))
+    g16 = RNG.integers(0, 65536, (7, 9), dtype=np.uint16)
+    assert np.array_equal(read_image(Image.fromarray(g16)), np.repeat((g16 >> 8)[..., None].astype(np.uint8), 3, 2))
+    assert np.array_equal(read_image(RGB), RGB)
+    assert np.array_equal(read_image(RGB[..., 0]), np.repeat(RGB[..., :1], 3, 2))
+    assert np.array_equal(read_image(RGB[..., :1]), np.repeat(RGB[..., :1], 3, 2))
+    assert np.array_equal(read_image(np.dstack([RGB, RGB[..., :1]])), RGB)
+    assert np.array_equal(read_image(g16), np.repeat((g16 >> 8)[..., None], 3, 2).astype(np.uint8))
+    with pytest.raises(ImageReadError, match="float"):
+        read_image(RGB.astype(np.float32) / 255)
+    with pytest.raises(ImageReadError, match="shape"):
+        read_image(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(TypeError, match="cannot read an image"):
+        read_image(12)
+
+
+# ---- rendering ----------------------------------------------------------------------------------------------
+PALETTE = [(120, 120, 120), (180, 120, 120), (6, 230, 230)]
+
+
+def test_colorize_and_overlay_match_the_toolbox_picture():
+    labels = np.array([[0, 1, 2], [2, 1, 0], [-1, 3, 255]])
+    colors = colorize(labels, PALETTE)
+    assert colors.dtype == np.uint8 and colors.shape == (3, 3, 3)
+    assert tuple(colors[0, 2]) == PALETTE[2] and tuple(colors[2, 0]) == (0, 0, 0) and tuple(colors[2, 2]) == (0, 0, 0)
+    image = RNG.integers(0, 256, (3, 3, 3), dtype=np.uint8)
+    # inference.py: BGR image * 0.5 + mask (palette reversed to BGR) * 0.5, truncated to uint8
+    mask_bgr = np.zeros_like(image)
+    for cls, color in enumerate(PALETTE):
+        mask_bgr[labels == cls] = np.array(color)[::-1]
+    toolbox = (image[..., ::-1] * 0.5 + mask_bgr * 0.5).astype(np.uint8)
+    assert np.array_equal(overlay(image, labels, PALETTE), toolbox[..., ::-1])
+    assert np.array_equal(overlay(image, labels, PALETTE, alpha=0.0), image)
+    with pytest.raises(ValueError, match="labels"):
+        overlay(image, labels[:2], PALETTE)
+
+
+def test_legend_image():
+    names = ["wall", "building", "sky"]
+    full = legend(names, PALETTE)
+    assert full.ndim == 3 and full.shape[2] == 3 and full.dtype == np.uint8
+    some = legend(names, PALETTE, present=np.array([[2, 2], [0, 2]]))
+    assert some.shape[0] < full.shape[0]
+    assert legend(names, PALETTE, present=[]).shape[0] > 0
+    many = legend([f"class{i}" for i in range(100)], [(i, i, i) for i in range(100)])
+    assert many.shape[1] > many.shape[0] / 4  # laid out in columns, not one tall strip
+
+
+# ---- BatchNorm folding --------------------------------------------------------------------------------------
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)  # conv3's output is used twice
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.conv2(out)
+        out = self.bn2(out)
+        y = self.conv3(out)
+        return self.bn3(y) + y
+
+
+def _randomize(model: nn.Module) -> nn.Module:
+    state = seeded_state_dict(model.state_dict())
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def test_fold_batchnorm():
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), _Block()))
+    x = torch.randn(2, 3, 11, 13)
+    with torch.no_grad():
+        before = model(x)
+    names = sorted((type(p).__name__, a, b) for p, a, b in conv_bn_pairs(model))
+    assert names == [("Sequential", "0", "1"), ("_Block", "conv1", "bn1"), ("_Block", "conv2", "bn2")]
+    assert fold_batchnorm(model, example=x) is model
+    with torch.no_grad():
+        after = model(x)
+    assert relative_error(after, before) < 1e-5
+    assert isinstance(model[1], nn.Identity) and isinstance(model[3].bn3, nn.BatchNorm2d)
+
+
+def test_fold_batchnorm_restores_when_outputs_move():
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)))
+    x = torch.randn(1, 3, 9, 9)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.warns(UserWarning, match="unfolded"):
+        fold_batchnorm(model, example=x, rtol=0.0)
+    assert isinstance(model[1], nn.BatchNorm2d) and model[0].bias is None
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    with pytest.raises(ValueError, match="eval"):
+        fold_batchnorm(model.train())
+
+
+def test_fold_batchnorm_on_resnet_bottleneck():
+    from segtorch.models.backbones.resnet import Bottleneck
+
+    pairs = {(a, b) for p, a, b in conv_bn_pairs(_randomize(Bottleneck(8, 2))) if isinstance(p, Bottleneck)}
+    assert pairs == {("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")}
+
+
+# ---- precision ----------------------------------------------------------------------------------------------
+def test_autocast_context(monkeypatch):
+    assert autocast_context("cpu", "fp32").__enter__() is None
+    with pytest.raises(ValueError, match="precision"):
+        autocast_context("cpu", "int8")
+    with pytest.raises(RuntimeError, match="only offered on CUDA"):
+        autocast_context("cpu", "fp16")
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset({"avx2"}))
+    with pytest.raises(RuntimeError, match="AVX512-BF16 or AMX"):
+        autocast_context("cpu", "bf16")
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    with autocast_context("cpu", "bf16"):
+        assert torch.is_autocast_enabled("cpu")
