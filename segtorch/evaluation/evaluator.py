@@ -1,0 +1,171 @@
+"""The evaluation loop (any ``predict_fn(image) -> labels``) and its report: console table, JSON, Markdown."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .metrics import ConfusionMatrix, Metrics
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(item):
+    return item
+
+
+def evaluate(predict_fn: PredictFn, dataset, num_classes: int | None = None, *, limit: int | None = None,
+             progress: bool | None = None, num_workers: int = 0, desc: str = "eval",
+             distributed: bool = False) -> tuple[Metrics, int]:
+    """Run ``predict_fn`` (HxWx3 uint8 RGB -> HxW class indices) over ``dataset`` (items with "image",
+    "label", "id") and return (metrics, number of images). Streams: one image in memory at a time.
+
+    ``limit``: the first N images only. ``progress``: a tqdm bar (None: only on a terminal).
+    ``num_workers``: processes reading images ahead. ``distributed``: each torch.distributed process takes
+    every world_size-th image and the counts are summed (every process gets the totals).
+    """
+    num_classes = num_classes if num_classes is not None else dataset.num_classes
+    indices = list(range(len(dataset)))
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be positive, got {limit}")
+        indices = indices[:limit]
+    total = len(indices)
+    rank, world = 0, 1
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        indices = indices[rank::world]  # no padding: every image is counted once
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=None, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_identity)
+    confusion = ConfusionMatrix(num_classes)
+    from tqdm import tqdm
+
+    show = progress if progress is not None else sys.stderr.isatty()
+    bar = tqdm(loader, total=len(indices), desc=desc, disable=not show or rank != 0, unit="img", dynamic_ncols=True)
+    for item in bar:
+        pred = predict_fn(item["image"])
+        pred = pred.cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+        if pred.shape != item["label"].shape:
+            raise ValueError(f"image {item['id']}: prediction is {pred.shape} but the annotation is "
+                             f"{item['label'].shape}")
+        confusion.update(pred, item["label"])
+        if show and bar.n % 10 == 0:
+            bar.set_postfix(mIoU=f"{confusion.compute().miou:.2f}")
+    bar.close()
+    if world > 1:
+        confusion.all_reduce()
+    return confusion.compute(), total
+
+
+def _num(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """One model on one dataset split. Metrics in percent."""
+    name: str | None
+    dataset: str
+    split: str
+    num_images: int
+    tta: bool
+    metrics: Metrics
+    class_names: Sequence[str]
+    reported: float | None = None
+    seconds: float | None = None
+
+    @property
+    def miou(self) -> float:
+        return self.metrics.miou
+
+    def to_dict(self) -> dict:
+        """The JSON record (DESIGN.md): NaN (a class absent from prediction and ground truth) as null."""
+        m = self.metrics
+        return {"name": self.name, "dataset": self.dataset, "split": self.split, "num_images": self.num_images,
+                "tta": self.tta, "miou": _num(m.miou), "aacc": _num(m.aacc), "macc": _num(m.macc),
+                "iou": {c: _num(v) for c, v in zip(self.class_names, m.iou)}, "reported": self.reported}
+
+    def _delta(self) -> str:
+        if self.reported is None or math.isnan(self.miou):
+            return ""
+        return f" ({self.miou - self.reported:+.2f})"
+
+    def summary(self) -> str:
+        reported = f"{self.reported:.2f}" if self.reported is not None else "-"
+        mode = "ms+flip" if self.tta else "single-scale"
+        return (f"{self.name or 'model'} on {self.dataset} {self.split} ({self.num_images} images, {mode}): "
+                f"mIoU {self.miou:.2f} vs reported {reported}{self._delta()}; aAcc {self.metrics.aacc:.2f}, "
+                f"mAcc {self.metrics.macc:.2f}")
+
+    def table(self) -> str:
+        """Per-class IoU and accuracy for the console, then the summary line."""
+        width = max(12, *(len(_short(c)) for c in self.class_names))
+        lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
+        for c, iou, acc in zip(self.class_names, self.metrics.iou, self.metrics.acc):
+            lines.append(f"{_short(c):<{width}}  {_fmt(iou):>6}  {_fmt(acc):>6}")
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        reported = f"{self.reported:.2f}" if self.reported is not None else "-"
+        mode = "ms+flip" if self.tta else "single-scale"
+        lines = [f"## {self.name or 'model'}", "",
+                 f"{self.dataset} `{self.split}`, {self.num_images} images, {mode}", "",
+                 "| mIoU | reported | aAcc | mAcc |", "|---:|---:|---:|---:|",
+                 f"| {self.miou:.2f} | {reported} | {self.metrics.aacc:.2f} | {self.metrics.macc:.2f} |", "",
+                 "| class | IoU | Acc |", "|---|---:|---:|"]
+        for c, iou, acc in zip(self.class_names, self.metrics.iou, self.metrics.acc):
+            lines.append(f"| {c.replace('|', '/')} | {_fmt(iou)} | {_fmt(acc)} |")
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def _short(name: str) -> str:
+    return name.split(",")[0]  # ADE20K names list synonyms: "wall", "building, edifice", ...
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are ordinary files
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(results: Sequence[EvalResult], json_path: str | os.PathLike,
+                  markdown_path: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """JSON (one object for one result, else a list) and a Markdown report (default: beside, ``.md``)."""
+    json_path = Path(json_path).expanduser()
+    records = [r.to_dict() for r in results]
+    _write_atomic(json_path, json.dumps(records[0] if len(records) == 1 else records, indent=2) + "\n")
+    md_path = Path(markdown_path).expanduser() if markdown_path else json_path.with_suffix(".md")
+    _write_atomic(md_path, "\n".join(r.markdown() for r in results))
+    return json_path, md_path
+
+
+def timed_evaluate(predict_fn: PredictFn, dataset, *, name: str | None, dataset_key: str, tta: bool,
+                   class_names: Sequence[str], reported: float | None, **kwargs) -> EvalResult:
+    start = time.perf_counter()
+    metrics, n = evaluate(predict_fn, dataset, len(class_names), **kwargs)
+    return EvalResult(name=name, dataset=dataset_key, split=getattr(dataset, "split", "?"), num_images=n, tta=tta,
+                      metrics=metrics, class_names=tuple(class_names), reported=reported,
+                      seconds=time.perf_counter() - start)

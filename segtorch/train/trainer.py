@@ -1,0 +1,436 @@
+"""A thin trainer: one process per device, started by ``torchrun`` for several GPUs or machines.
+
+    trainer = Trainer(model, TrainingSet(dataset, build_transforms(card.training["train_pipeline"])),
+                      TrainConfig.from_card(card, work_dir="runs/x", max_iters=2000), val_set=val)
+    trainer.fit()
+
+- the loop counts optimizer steps ("iterations"); an iteration is ``accumulate`` micro-batches of
+  ``batch_size`` images on each of the ``world_size`` processes;
+- ``<work_dir>/last.pth`` holds model, optimizer, schedule (the iteration), grad scaler and every
+  process's RNG state; it is written atomically (temporary file, then rename) every ``save_interval``
+  iterations and at each epoch's end, and a new ``fit()`` resumes from it: data order and augmentation
+  depend only on (seed, epoch, index), so a resumed run gives the weights an uninterrupted one gives;
+- ``<work_dir>/model.safetensors``: the trained weights (without the training-only auxiliary heads),
+  loadable with ``segtorch.load(name, checkpoint=...)``;
+- DDP with a sampler that gives each process its share; ``sync_bn`` converts BatchNorm to SyncBatchNorm
+  (CUDA only); AMP (``amp="fp16"|"bf16"``) on CUDA; log lines with loss, lr, speed and ETA.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .optim import DEFAULT_LOSSES, PolySchedule, build_optimizer, segmentation_loss
+
+CHECKPOINT_FORMAT = "segtorch-train-1"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    work_dir: str = "work_dirs/segtorch"
+    max_iters: int | None = None  # optimizer steps; None: epochs x iterations per epoch
+    epochs: int | None = None
+    batch_size: int = 2  # images per process per micro-batch
+    accumulate: int = 1  # micro-batches per optimizer step
+    optimizer: dict = dataclasses.field(default_factory=lambda: {"type": "SGD", "lr": 0.01, "momentum": 0.9,
+                                                                 "weight_decay": 5e-4})
+    scheduler: dict = dataclasses.field(default_factory=lambda: {"type": "PolyScheduler", "power": 0.9})
+    losses: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_LOSSES))
+    align_corners: bool = False
+    clip_grad: dict | None = None  # {"max_norm": 35, "norm_type": 2}
+    amp: str = "none"  # "fp16" | "bf16" (CUDA)
+    num_workers: int = 2
+    seed: int = 0
+    log_interval: int = 10
+    save_interval: int = 0  # iterations between checkpoints (besides every epoch's end); 0: epoch ends only
+    eval_interval: int = 0  # iterations between evaluations; 0: only at the end (when there is a val set)
+    sync_bn: bool = False
+    find_unused_parameters: bool = False
+    resume: bool = True
+    device: str | None = None  # default: this process's GPU (LOCAL_RANK) or the CPU
+    export_name: str | None = None  # model name written into model.safetensors' metadata
+
+    @classmethod
+    def from_card(cls, card, **overrides) -> "TrainConfig":
+        """The card's schedule facts: optimizer, schedule, losses (with weights), batch size, epochs."""
+        t = card.training
+        values = dict(optimizer=dict(t["optimizer"]), scheduler=dict(t["scheduler"]), losses=dict(t["losses"]),
+                      batch_size=t.get("batch_size_per_gpu", 2), epochs=t.get("epochs"),
+                      align_corners=card.architecture.get("align_corners", False), export_name=card.name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+# ---- distributed ------------------------------------------------------------------------------------------
+def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; joins the process group if needed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        return dist.get_rank(), dist.get_world_size(), local_rank
+    return 0, 1, 0
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Each process's share of a shuffled epoch (like DistributedSampler with drop_last), yielding
+    ``(index, epoch)`` so the dataset can seed the sample's augmentation; ``start`` skips what a resumed
+    run has already seen."""
+
+    def __init__(self, length: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True):
+        self.length, self.rank, self.world, self.seed, self.shuffle = length, rank, world, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    @property
+    def per_rank(self) -> int:
+        return self.length // self.world
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.length)
+        mine = order[: self.per_rank * self.world][self.rank::self.world].tolist()
+        return iter([(i, self.epoch) for i in mine[self.start:]])
+
+
+class _TrainForward(nn.Module):
+    """Calls the segmentor's training forward, so that DDP (which wraps ``forward``) sees it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if hasattr(self.model, "forward_train"):
+            return self.model.forward_train(x)
+        out = self.model(x)
+        return out if isinstance(out, Mapping) else {"loss_cls": out}
+
+
+def whole_image_predictor(mean: Sequence[float] = (123.675, 116.28, 103.53),
+                          std: Sequence[float] = (58.395, 57.12, 57.375), align_corners: bool = False
+                          ) -> Callable[[nn.Module, np.ndarray], np.ndarray]:
+    """A plain predictor for evaluation during training: normalise, whole image, resize back, argmax."""
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+    def predict(model: nn.Module, image: np.ndarray) -> np.ndarray:
+        device = next(model.parameters()).device
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()[None]
+        x = ((x - mean_t) / std_t).to(device)
+        with torch.inference_mode():
+            scores = model(x)
+            scores = F.interpolate(scores, size=image.shape[:2], mode="bilinear", align_corners=align_corners)
+        return scores[0].argmax(0).cpu().numpy()
+
+    return predict
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600 files; a checkpoint is an ordinary file
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, train_set: torch.utils.data.Dataset, config: TrainConfig, *,
+                 val_set=None, predict: Callable[[nn.Module, np.ndarray], np.ndarray] | None = None,
+                 callbacks: Sequence[Callable[["Trainer"], None]] = (), log: Callable[[str], None] | None = None):
+        self.config = c = config
+        self.rank, self.world, local_rank = init_distributed()
+        if c.device:
+            self.device = torch.device(c.device)
+        else:
+            self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if c.amp not in ("none", "fp16", "bf16"):
+            raise ValueError(f"amp must be 'none', 'fp16' or 'bf16', not {c.amp!r}")
+        if c.amp != "none" and self.device.type != "cuda":
+            raise RuntimeError(f"amp={c.amp!r} is offered on CUDA only; this run is on {self.device}")
+        if c.accumulate < 1 or c.batch_size < 1:
+            raise ValueError("batch_size and accumulate must be at least 1")
+        self.work_dir = Path(c.work_dir).expanduser()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._log = log
+        torch.manual_seed(c.seed + self.rank)  # dropout etc.; restored from the checkpoint when resuming
+        random.seed(c.seed + self.rank)
+
+        model = model.to(self.device)
+        if c.sync_bn and self.world > 1:
+            if self.device.type != "cuda":
+                raise RuntimeError("sync_bn needs CUDA devices (SyncBatchNorm does not run on the CPU)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.optimizer = build_optimizer(model, c.optimizer)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.amp == "fp16")
+        step = _TrainForward(model)
+        if self.world > 1:
+            step = nn.parallel.DistributedDataParallel(
+                step, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=c.find_unused_parameters)
+        self.step_module = step
+
+        self.train_set = train_set
+        self.sampler = EpochSampler(len(train_set), self.rank, self.world, seed=c.seed)
+        self.samples_per_iter = c.batch_size * c.accumulate
+        self.iters_per_epoch = self.sampler.per_rank // self.samples_per_iter
+        if self.iters_per_epoch == 0:
+            raise ValueError(f"{len(train_set)} training images give no full iteration of {self.samples_per_iter} "
+                             f"images x {self.world} processes; lower batch_size or accumulate")
+        if c.max_iters is None and c.epochs is None:
+            raise ValueError("set max_iters or epochs")
+        self.max_iters = c.max_iters if c.max_iters is not None else c.epochs * self.iters_per_epoch
+        self.schedule = PolySchedule.from_config(c.scheduler, c.optimizer["lr"], self.max_iters)
+        self.val_set, self.predict, self.callbacks = val_set, predict, list(callbacks)
+        self.iteration = 0
+        self.history: list[dict] = []
+
+    # ---- logging -----------------------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self.rank != 0:
+            return
+        if self._log is not None:
+            self._log(message)
+        else:
+            print(message, flush=True)
+        with open(self.work_dir / "train.log", "a") as f:
+            f.write(message + "\n")
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.work_dir / "last.pth"
+
+    def _rng_state(self) -> list[dict]:
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        if self.world == 1:
+            return [state]
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, state)
+        return gathered
+
+    def save_checkpoint(self) -> None:
+        """Every process takes part (RNG states are gathered); the first one writes."""
+        rng = self._rng_state()
+        if self.rank == 0:
+            _save_atomic({
+                "format": CHECKPOINT_FORMAT, "iteration": self.iteration, "max_iters": self.max_iters,
+                "iters_per_epoch": self.iters_per_epoch, "world_size": self.world,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": {"iteration": self.iteration, **dataclasses.asdict(self.schedule)},
+                "scaler": self.scaler.state_dict(), "rng": rng,
+                "config": json.loads(json.dumps(dataclasses.asdict(self.config), default=str)),
+            }, self.checkpoint_path)
+        if self.world > 1:
+            dist.barrier()
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure means the file cannot be resumed from
+            raise RuntimeError(f"{path}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise RuntimeError(f"{path}: not a segtorch training checkpoint")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration = ckpt["iteration"]
+        if ckpt["iters_per_epoch"] != self.iters_per_epoch or ckpt["max_iters"] != self.max_iters:
+            self.log(f"note: {path} was written with {ckpt['iters_per_epoch']} iterations/epoch and "
+                     f"{ckpt['max_iters']} in all; now {self.iters_per_epoch} and {self.max_iters} "
+                     f"(the data order after resuming differs from an uninterrupted run)")
+        rng = ckpt["rng"]
+        if len(rng) == self.world:
+            mine = rng[self.rank]
+            torch.set_rng_state(mine["torch"])
+            random.setstate(_as_tuple(mine["python"]))
+            if mine.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+        self.log(f"resumed from {path} at iteration {self.iteration}")
+
+    def export(self, path: str | Path | None = None) -> Path:
+        """The model's weights as safetensors, without training-only auxiliary heads (first process only)."""
+        from ..checkpoint import safetensors_metadata, write_safetensors
+
+        path = Path(path) if path is not None else self.work_dir / "model.safetensors"
+        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("auxiliary_decoder.")}
+        meta = safetensors_metadata(self.config.export_name or "custom", None)
+        meta["trained_iterations"] = str(self.iteration)
+        if self.rank == 0:
+            write_safetensors(state, path, meta)
+        return path
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def _loader(self) -> torch.utils.data.DataLoader:
+        c = self.config
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_size=c.batch_size, sampler=self.sampler, num_workers=c.num_workers,
+            pin_memory=self.device.type == "cuda", drop_last=True,
+            # its own generator: making the iterator must not draw from the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(c.seed))
+
+    def _autocast(self):
+        if self.config.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.config.amp == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self, batches: Iterator) -> tuple[float, dict[str, torch.Tensor]]:
+        c = self.config
+        lr = self.schedule.apply(self.optimizer, self.iteration)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts: dict[str, torch.Tensor] = {}
+        for micro in range(c.accumulate):
+            images, labels = next(batches)
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            last = micro == c.accumulate - 1
+            sync = self.step_module.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    preds = self.step_module(images)
+                loss, losses = segmentation_loss(preds, labels, c.losses, c.align_corners)
+                self.scaler.scale(loss / c.accumulate).backward()
+            for k, v in losses.items():
+                parts[k] = parts.get(k, 0) + v / c.accumulate
+        if c.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            for group in self.optimizer.param_groups:
+                nn.utils.clip_grad_norm_([p for p in group["params"] if p.grad is not None], **c.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return lr, parts
+
+    def _reduce(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        keys = sorted(values)
+        stacked = torch.stack([values[k].float() for k in keys])
+        if self.world > 1:
+            dist.all_reduce(stacked)
+            stacked /= self.world
+        return dict(zip(keys, stacked.tolist()))
+
+    def fit(self) -> dict:
+        c = self.config
+        if c.resume and self.checkpoint_path.is_file():
+            self.load_checkpoint(self.checkpoint_path)
+        self.log(f"training {type(self.model).__name__}: {self.max_iters} iterations, {self.iters_per_epoch}/epoch, "
+                 f"{c.batch_size} x {c.accumulate} images x {self.world} processes per iteration, "
+                 f"on {self.device}, amp {c.amp}, work dir {self.work_dir}")
+        self.model.train()
+        window_start, window_iters, window_parts = time.perf_counter(), 0, {}
+        last_eval = None
+        while self.iteration < self.max_iters:
+            epoch, step = divmod(self.iteration, self.iters_per_epoch)
+            self.sampler.set_epoch(epoch, start=step * self.samples_per_iter)
+            batches = iter(self._loader())
+            for _ in range(step, self.iters_per_epoch):
+                if self.iteration >= self.max_iters:
+                    break
+                lr, parts = self.train_step(batches)
+                self.iteration += 1
+                window_iters += 1
+                for k, v in parts.items():
+                    window_parts[k] = window_parts.get(k, 0) + v
+                if self.iteration % max(1, c.log_interval) == 0 or self.iteration == self.max_iters:
+                    losses = self._reduce({k: v / window_iters for k, v in window_parts.items()})
+                    seconds = (time.perf_counter() - window_start) / window_iters
+                    self._log_step(epoch, lr, losses, seconds)
+                    window_start, window_iters, window_parts = time.perf_counter(), 0, {}
+                epoch_end = self.iteration % self.iters_per_epoch == 0
+                if epoch_end or (c.save_interval and self.iteration % c.save_interval == 0) \
+                        or self.iteration == self.max_iters:
+                    self.save_checkpoint()
+                if self.val_set is not None and c.eval_interval and self.iteration % c.eval_interval == 0:
+                    last_eval = self.evaluate()
+                for callback in self.callbacks:
+                    callback(self)
+        if self.val_set is not None and (last_eval is None or last_eval["iteration"] != self.iteration):
+            last_eval = self.evaluate()
+        path = self.export()
+        self.log(f"done: {self.iteration} iterations; weights in {path}")
+        return {"iteration": self.iteration, "history": self.history, "eval": last_eval, "weights": str(path)}
+
+    def _log_step(self, epoch: int, lr: float, losses: dict[str, float], seconds: float) -> None:
+        total = sum(losses.values())
+        record = {"iteration": self.iteration, "epoch": epoch + 1, "lr": lr, "loss": total, **losses,
+                  "seconds_per_iter": seconds}
+        self.history.append(record)
+        eta = seconds * (self.max_iters - self.iteration)
+        images_per_s = self.samples_per_iter * self.world / seconds if seconds > 0 else math.inf
+        memory = ""
+        if self.device.type == "cuda":
+            memory = f", mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB"
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        self.log(f"iter {self.iteration}/{self.max_iters} (epoch {epoch + 1}) lr {lr:.3e} loss {total:.4f} "
+                 f"[{parts}] {seconds:.3f} s/iter, {images_per_s:.1f} img/s, eta {_duration(eta)}{memory}")
+
+    def evaluate(self) -> dict:
+        """mIoU on the validation set (every process takes a share; the counts are summed)."""
+        from ..evaluation import evaluate
+
+        predict = self.predict or whole_image_predictor(align_corners=self.config.align_corners)
+        self.model.eval()
+        try:
+            metrics, n = evaluate(lambda image: predict(self.model, image), self.val_set, progress=False,
+                                  distributed=self.world > 1)
+        finally:
+            self.model.train()
+        record = {"iteration": self.iteration, "miou": metrics.miou, "aacc": metrics.aacc, "macc": metrics.macc,
+                  "num_images": n}
+        self.log(f"eval at iteration {self.iteration}: mIoU {metrics.miou:.2f}, aAcc {metrics.aacc:.2f}, "
+                 f"mAcc {metrics.macc:.2f} ({n} images)")
+        if self.rank == 0:
+            with open(self.work_dir / "eval.jsonl", "a") as f:
+                f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                    for k, v in record.items()}) + "\n")
+        return record
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"

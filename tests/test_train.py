@@ -1,0 +1,340 @@
+"""The trainer: the cards' schedule and losses, loss goes down, exact resume, accumulation, DDP (gloo, 2 CPUs)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from segtorch.data import DatasetError, ImageFolderDataset, TrainingSet, build_transforms
+from segtorch.train import PolySchedule, TrainConfig, Trainer, build_optimizer, param_groups, segmentation_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+REF_SCHEDULERS = Path("/tmp/ref/ssseg/modules/models/schedulers")
+COLOURS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]])
+NORMALIZE = {"type": "Normalize", "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
+PIPELINE = [{"type": "Resize", "output_size": [64, 32], "keep_ratio": True, "scale_range": [0.75, 1.5]},
+            {"type": "RandomCrop", "crop_size": [32, 32], "one_category_max_ratio": 0.75},
+            {"type": "RandomFlip", "prob": 0.5}, {"type": "PhotoMetricDistortion"}, NORMALIZE,
+            {"type": "ToTensor"}, {"type": "Padding", "output_size": [32, 32], "data_type": "tensor"}]
+LOSSES = {"loss_cls": {"type": "CrossEntropyLoss", "scale_factor": 1.0, "ignore_index": -100},
+          "loss_aux": {"type": "CrossEntropyLoss", "scale_factor": 0.4, "ignore_index": -100}}
+SGD = {"type": "SGD", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+def make_toy(root: Path, n: int = 8, size: int = 48) -> tuple[Path, Path]:
+    """Images whose colour says the class (three regions split at random places), masks beside them."""
+    for i in range(n):
+        r = np.random.default_rng(i)
+        label = np.zeros((size, size), np.uint8)
+        label[:, r.integers(size // 4, 3 * size // 4):] = 1
+        label[r.integers(size // 4, 3 * size // 4):, :] = 2
+        image = np.clip(COLOURS[label] + r.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(exist_ok=True)
+        Image.fromarray(image).save(root / "images" / f"{i}.png")
+        Image.fromarray(label).save(root / "masks" / f"{i}.png")
+    return root / "images", root / "masks"
+
+
+TINY_MODEL = '''
+def tiny_pspnet(num_classes=3, seed=0):
+    """segtorch's own PSPNet on a narrow ResNet-50 (4 base channels), with an auxiliary head."""
+    import torch
+    from segtorch.models.backbones.resnet import ResNet
+    from segtorch.models.heads.psp import PSPNet
+    from segtorch.models.segmentor import auxiliary_decoder
+    torch.manual_seed(seed)
+    backbone = ResNet(depth=50, outstride=8, base_channels=4, stem_channels=8)
+    model = PSPNet(backbone, num_classes, in_channels=128, feats_channels=16, pool_scales=(1, 2),
+                   selected_indices=(2, 3))
+    model.set_auxiliary(auxiliary_decoder(64, 16, num_classes))
+    return model
+'''
+exec(TINY_MODEL)  # defines tiny_pspnet here; the DDP test's worker script gets the same source
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two cores, shared: no oversubscription
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy_training_set(tmp_path, seed=0):
+    images, masks = make_toy(tmp_path / "toy")
+    dataset = ImageFolderDataset(images, masks, num_classes=3)
+    return dataset, TrainingSet(dataset, build_transforms(PIPELINE), seed=seed)
+
+
+# ---- optimisation facts -----------------------------------------------------------------------------------
+class _Swinish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone_net = nn.Module()
+        self.backbone_net.absolute_pos_embed = nn.Parameter(torch.zeros(1, 4))
+        self.backbone_net.patch = nn.Conv2d(3, 4, 1)
+        self.backbone_net.norm0 = nn.LayerNorm(4)
+        self.backbone_net.blocks = nn.ModuleList([nn.Module()])
+        self.backbone_net.blocks[0].relative_position_bias_table = nn.Parameter(torch.zeros(3, 2))
+        self.decoder = nn.Conv2d(4, 2, 1)
+        self.bn = nn.BatchNorm2d(2)
+
+
+def _groups_by_param(groups):
+    return {id(p): g for g in groups for p in g["params"]}
+
+
+def test_param_groups_follow_the_rules():
+    model = _Swinish()
+    swin = {"type": "AdamW", "lr": 6e-5, "betas": [0.9, 0.999], "weight_decay": 0.01,
+            "params_rules": {"absolute_pos_embed": {"wd_multiplier": 0.0}, "norm": {"wd_multiplier": 0.0},
+                             "relative_position_bias_table": {"wd_multiplier": 0.0}}}
+    by_param = _groups_by_param(param_groups(model, swin))
+    b = model.backbone_net
+    for p in (b.absolute_pos_embed, b.norm0.weight, b.norm0.bias, b.blocks[0].relative_position_bias_table):
+        assert by_param[id(p)]["weight_decay"] == 0.0
+    for p in (b.patch.weight, b.patch.bias, model.decoder.weight, model.bn.weight):  # "bn" does not contain "norm"
+        assert by_param[id(p)]["weight_decay"] == 0.01 and by_param[id(p)]["lr"] == 6e-5
+    optimizer = build_optimizer(model, swin)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    vit = {"type": "SGD", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0,
+           "params_rules": {"backbone_net": {"lr_multiplier": 0.1, "wd_multiplier": 1.0},
+                            "backbone_net.norm": {"lr_multiplier": 0.5}}}  # the longest matching rule wins
+    optimizer = build_optimizer(model, vit)
+    by_param = _groups_by_param(optimizer.param_groups)
+    assert by_param[id(b.patch.weight)]["lr"] == pytest.approx(0.001)
+    assert by_param[id(b.norm0.weight)]["lr"] == pytest.approx(0.005)
+    assert by_param[id(model.decoder.weight)]["lr"] == 0.01
+    PolySchedule(lr=0.01, max_iters=10).apply(optimizer, 5)
+    scheduled = PolySchedule(lr=0.01, max_iters=10).lr_at(5)
+    assert by_param[id(b.patch.weight)]["lr"] == pytest.approx(0.1 * scheduled)
+    assert len(param_groups(model, {"lr": 0.01, "weight_decay": 5e-4})) == 1  # no rules: one group
+
+
+def _toolbox_poly():
+    if not (REF_SCHEDULERS / "polyscheduler.py").is_file():
+        pytest.skip("the toolbox's schedulers (/tmp/ref) are not available")
+    package = types.ModuleType("ref_schedulers")
+    package.__path__ = [str(REF_SCHEDULERS)]
+    sys.modules["ref_schedulers"] = package  # load two files without importing the toolbox's package
+    return importlib.import_module("ref_schedulers.polyscheduler").PolyScheduler
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("cfg", [
+    {"type": "PolyScheduler", "power": 0.9},
+    {"type": "PolyScheduler", "power": 0.9, "min_lr": 1e-4},
+    {"type": "PolyScheduler", "power": 1.0, "min_lr": 0.0, "warmup_cfg": {"iters": 15, "ratio": 1e-6, "type": "linear"}},
+])
+def test_poly_schedule_matches_the_toolbox(cfg):
+    PolyScheduler = _toolbox_poly()
+    param = nn.Parameter(torch.zeros(1))
+    ref_opt = torch.optim.SGD([param], lr=0.01)
+    ref = PolyScheduler(optimizer=ref_opt, lr=0.01, max_epochs=5, iters_per_epoch=10,
+                        **{k: v for k, v in cfg.items() if k != "type"})
+    ours = PolySchedule.from_config(cfg, lr=0.01, max_iters=50)
+    for iteration in range(50):
+        assert ours.lr_at(iteration) == pytest.approx(ref.updatelr(), rel=1e-12, abs=0)
+        ref.cur_iter += 1
+
+
+def test_losses_resize_weight_and_ignore():
+    torch.manual_seed(0)
+    preds = {"loss_cls": torch.randn(2, 3, 4, 4, requires_grad=True), "loss_aux": torch.randn(2, 3, 4, 4)}
+    labels = torch.randint(0, 3, (2, 16, 16))
+    labels[:, :3] = -100
+    total, parts = segmentation_loss(preds, labels, LOSSES)
+    up = {k: F.interpolate(v, size=(16, 16), mode="bilinear", align_corners=False) for k, v in preds.items()}
+    expected = F.cross_entropy(up["loss_cls"], labels) + 0.4 * F.cross_entropy(up["loss_aux"], labels)
+    assert torch.allclose(total, expected) and set(parts) == {"loss_cls", "loss_aux"}
+    ignored, _ = segmentation_loss({"loss_cls": preds["loss_cls"]}, torch.full((2, 16, 16), -100), LOSSES)
+    assert ignored.item() == 0.0 and ignored.requires_grad
+    with pytest.raises(KeyError, match="outputs \\['loss_x'\\]"):
+        segmentation_loss({"loss_x": preds["loss_aux"]}, labels, LOSSES)
+
+
+# ---- training runs ----------------------------------------------------------------------------------------
+def test_training_lowers_the_loss_evaluates_and_exports(tmp_path):
+    dataset, train = toy_training_set(tmp_path)
+    config = TrainConfig(work_dir=str(tmp_path / "run"), max_iters=24, batch_size=2, num_workers=0, log_interval=4,
+                         optimizer=SGD, losses=LOSSES, export_name="tiny")
+    logs = []
+    result = Trainer(tiny_pspnet(), train, config, val_set=dataset, log=logs.append).fit()
+    losses = [h["loss"] for h in result["history"]]
+    assert len(losses) == 6 and np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+    assert result["eval"]["num_images"] == 8 and 0 <= result["eval"]["miou"] <= 100
+    assert any("lr" in line and "s/iter" in line and "img/s" in line for line in logs)
+    run = tmp_path / "run"
+    assert (run / "train.log").read_text().count("\n") == len(logs) and (run / "eval.jsonl").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(run / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.metadata()["name"] == "tiny" and f.metadata()["trained_iterations"] == "24"
+    assert keys and not any(k.startswith("auxiliary_decoder.") for k in keys) and "ppm_net.bottleneck.0.weight" in keys
+    ckpt = torch.load(run / "last.pth", map_location="cpu", weights_only=True)  # no pickled code needed
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "iteration"} <= set(ckpt) and ckpt["iteration"] == 24
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_gives_the_same_weights(tmp_path):
+    _, train = toy_training_set(tmp_path, seed=5)
+
+    def config(name):  # 4 iterations per epoch; checkpoints every 3 iterations and at epoch ends
+        return TrainConfig(work_dir=str(tmp_path / name), max_iters=10, batch_size=2, num_workers=0, log_interval=5,
+                           save_interval=3, optimizer=SGD, losses=LOSSES, seed=5)
+
+    straight = Trainer(tiny_pspnet(), train, config("straight"), log=lambda _: None)
+    straight.fit()
+
+    def interrupt(trainer):
+        if trainer.iteration == 7:  # mid-epoch; the last checkpoint is from iteration 6
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        Trainer(tiny_pspnet(), train, config("resumed"), callbacks=[interrupt], log=lambda _: None).fit()
+    assert torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)["iteration"] == 6
+    logs = []
+    resumed = Trainer(tiny_pspnet(seed=1), train, config("resumed"), log=logs.append)  # other init: overwritten
+    resumed.fit()
+    assert "resumed from" in logs[0] and "at iteration 6" in logs[0]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+
+
+class _PlainNet(nn.Module):
+    """No BatchNorm, no dropout: a batch of 4 and two accumulated batches of 2 are the same step."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(tmp_path):
+    images, masks = make_toy(tmp_path / "toy", size=16)
+    train = TrainingSet(ImageFolderDataset(images, masks, num_classes=3), build_transforms([NORMALIZE, {"type": "ToTensor"}]))
+    models = []
+    for batch, accumulate in ((4, 1), (2, 2)):
+        config = TrainConfig(work_dir=str(tmp_path / f"b{batch}"), max_iters=4, batch_size=batch, accumulate=accumulate,
+                             num_workers=0, optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9}, losses=LOSSES)
+        trainer = Trainer(_PlainNet(), train, config, log=lambda _: None)
+        assert trainer.iters_per_epoch == 2
+        trainer.fit()
+        models.append(trainer.model.state_dict())
+    assert all(torch.allclose(models[0][k], models[1][k], atol=1e-6) for k in models[0])
+
+
+def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
+    images, masks = make_toy(tmp_path / "toy", size=16)
+    train = TrainingSet(ImageFolderDataset(images, masks, num_classes=3), build_transforms([NORMALIZE, {"type": "ToTensor"}]))
+    work = tmp_path / "run"
+    trainer = Trainer(_PlainNet(), train, TrainConfig(work_dir=str(work), max_iters=2, batch_size=4, num_workers=0,
+                                                      losses=LOSSES), log=lambda _: None)
+    trainer.fit()
+    before = (work / "last.pth").read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    trainer.iteration = 3
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint()
+    assert (work / "last.pth").read_bytes() == before and not list(work.glob(".*tmp"))  # old one intact, no debris
+
+
+DDP_WORKER = '''
+import os, sys, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads(1)
+from segtorch.data import ImageFolderDataset, TrainingSet, build_transforms
+from segtorch.train import TrainConfig, Trainer
+{model}
+pipeline, losses, sgd = {pipeline!r}, {losses!r}, {sgd!r}
+dataset = ImageFolderDataset({images!r}, {masks!r}, num_classes=3)
+config = TrainConfig(work_dir={work!r}, max_iters=4, batch_size=2, num_workers=0, log_interval=2, optimizer=sgd,
+                     losses=losses)
+trainer = Trainer(tiny_pspnet(seed=int(os.environ["RANK"])), TrainingSet(dataset, build_transforms(pipeline)), config,
+                  val_set=dataset)
+result = trainer.fit()
+params = {{k: v.detach() for k, v in trainer.model.named_parameters()}}
+torch.save({{"params": params, "seen": [i for i, _ in trainer.sampler], "miou": result["eval"]["miou"]}},
+           os.path.join({work!r}, f"rank{{trainer.rank}}.pt"))
+'''
+
+
+def test_ddp_two_cpu_processes_with_gloo(tmp_path):
+    images, masks = make_toy(tmp_path / "toy")
+    work = tmp_path / "ddp"
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER.format(root=str(ROOT), model=textwrap.dedent(TINY_MODEL), pipeline=PIPELINE,
+                                        losses=LOSSES, sgd=SGD, images=str(images), masks=str(masks), work=str(work)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 processes per iteration" in out.stdout and "iter 4/4" in out.stdout
+    ranks = [torch.load(work / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    # DDP starts from rank 0's weights (the ranks built different ones) and keeps the parameters in step
+    # (BatchNorm running statistics stay per process, as in the toolbox: rank 0's are saved)
+    assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in ranks[0]["params"])
+    assert ranks[0]["miou"] == ranks[1]["miou"]  # evaluation counts summed over both processes
+    assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"])  # each process its own share of the data
+    ckpt = torch.load(work / "last.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and (work / "model.safetensors").is_file()
+
+
+# ---- configuration and command-line errors ----------------------------------------------------------------
+def test_config_from_card_and_refusals(tmp_path):
+    import segtorch
+
+    card = segtorch.model_card("idrnet_upernet_swinlarge_ade20k")
+    config = TrainConfig.from_card(card, work_dir=str(tmp_path), max_iters=5)
+    assert config.optimizer["type"] == "AdamW" and config.scheduler["warmup_cfg"]["iters"] == 1500
+    assert config.losses["loss_cls_stage2"]["scale_factor"] == 1.0 and config.batch_size == 2 and config.max_iters == 5
+    _, train = toy_training_set(tmp_path)
+    with pytest.raises(RuntimeError, match="amp='fp16' is offered on CUDA only"):
+        Trainer(_PlainNet(), train, TrainConfig(work_dir=str(tmp_path), max_iters=1, amp="fp16", device="cpu"))
+    with pytest.raises(ValueError, match="8 training images give no full iteration of 16 images"):
+        Trainer(_PlainNet(), train, TrainConfig(work_dir=str(tmp_path), max_iters=1, batch_size=16))
+
+
+def test_train_command_bad_input(tmp_path):
+    from segtorch.train.commands import add_train_parser
+
+    parser = argparse.ArgumentParser(prog="segtorch")
+    add_train_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "pspnet_resnet50os8_voc", "--work-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="give --data-root DIR, or --images DIR and --masks DIR"):
+        args.func(args)
+    args = parser.parse_args(["train", "pspnet_resnet50os8_voc", "--images", str(tmp_path / "no"), "--masks",
+                              str(tmp_path), "--num-classes", "3"])
+    with pytest.raises(DatasetError, match=r"/no: no such directory \(images\)"):
+        args.func(args)
+    args = parser.parse_args(["train", "pspnet_resnet50os8_voc", "--data-root", str(tmp_path)])
+    with pytest.raises(DatasetError, match=r"does not hold PASCAL VOC 2012 \(expected JPEGImages/"):
+        args.func(args)
