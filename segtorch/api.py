@@ -14,9 +14,6 @@ from .registry import ModelCard, model_card
 if TYPE_CHECKING:
     from .segmenter import Segmenter
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
 def create_model(name: str, *, auxiliary: bool = False, device: str | torch.device | None = None) -> torch.nn.Module:
     """The architecture of checkpoint ``name`` with random weights (no download), in eval mode.
 
@@ -65,23 +62,31 @@ def _resolve_checkpoint(card: ModelCard, checkpoint: str | os.PathLike | None) -
 
 
 def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
-         precision: str = "fp32", compile: bool = False, auxiliary: bool = False) -> "Segmenter":
+         precision: str = "fp32", compile: bool = False, fuse_bn: bool | None = None,
+         auxiliary: bool = False) -> "Segmenter":
     """A ready ``Segmenter`` for checkpoint ``name``: weights loaded, eval mode, on ``device``.
 
     ``checkpoint``: a local ``.pth``/``.safetensors`` file or a URL; by default the card's weights are fetched
     (Hugging Face mirror first, then the GitHub release) and cached. ``precision="bf16"/"fp16"`` and
-    ``compile=True`` are opt-in speed; fp32 reproduces the toolbox's outputs.
+    ``compile=True`` are opt-in speed; fp32 reproduces the toolbox's outputs. ``fuse_bn`` folds BatchNorm into
+    the convolutions before it (same outputs to ~1e-6, less work); by default on, except with ``auxiliary``
+    (fine-tuning), and off to keep the module's state dict in the toolbox's layout.
     """
-    from .segmenter import Segmenter, check_precision
+    from .inference.precision import check_precision
+    from .segmenter import Segmenter
 
     card = model_card(name)
     device = torch.device(device)
-    check_precision(precision, device)
+    check_precision(device, precision)
     path = _resolve_checkpoint(card, checkpoint)
     model = _meta_model(card, auxiliary)
     state, _ = load_for_model(path, model, keep=("auxiliary_decoder.",) if auxiliary else ())
-    model = _materialise(model, state).eval().to(device)
-    return Segmenter(model, card, device=device, precision=precision, compile=compile)
+    model = _materialise(model, state).eval()
+    if fuse_bn if fuse_bn is not None else not auxiliary:
+        from .inference.fuse import fold_batchnorm
+
+        fold_batchnorm(model)
+    return Segmenter(model.to(device), card, device=device, precision=precision, compile=compile)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, name: str, *, auxiliary: bool = False

@@ -198,6 +198,9 @@ def write_safetensors(state: Mapping[str, torch.Tensor], dst: str | os.PathLike,
     try:
         tensors = {k: v.detach().contiguous() for k, v in state.items()}
         save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a converted model is an ordinary file
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

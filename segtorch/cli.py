@@ -1,4 +1,4 @@
-"""The ``segtorch`` command: list | info | convert | download | predict.
+"""The ``segtorch`` command: list | info | convert | download | predict | eval | train.
 
 Errors print one line (``segtorch: error: ...``) and exit non-zero.
 """
@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("download", help="fetch and cache model weights")
     s.add_argument("names", nargs="+")
     s.set_defaults(func=cmd_download)
+
+    from .predict_cli import add_predict_parser
+    from .train.commands import add_eval_parser, add_train_parser
+
+    add_predict_parser(sub)
+    add_eval_parser(sub)
+    add_train_parser(sub)
     return p
 
 

@@ -91,6 +91,11 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def dataset_info(key: str) -> dict:
+    """A dataset's title, class names and palette (``model_cards/datasets/<key>.toml``)."""
+    return copy.deepcopy(_dataset(key))
+
+
 @functools.lru_cache(maxsize=None)
 def _dataset(key: str) -> dict:
     path = cards_dir() / "datasets" / f"{key}.toml"

@@ -1,9 +1,7 @@
 """``Segmenter``: a loaded model with its card, and the card's own test pipeline."""
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
+import numpy as np
 import torch
 
 from .registry import ModelCard
@@ -11,63 +9,40 @@ from .registry import ModelCard
 INFERENCE_KEYS = ("mode", "crop_size", "stride", "scales", "flip", "flip_pairs", "softmax_before_resize")
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_supports_bf16() -> bool:
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse, with the reason, a precision this hardware cannot run fast (or at all)."""
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', not {precision!r}")
-    if precision == "fp32":
-        return
-    if device.type == "cuda":
-        if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise RuntimeError("precision='bf16' needs a GPU with bfloat16 support; use 'fp16' or 'fp32'")
-        return
-    if device.type == "cpu":
-        if precision == "fp16":
-            raise RuntimeError("precision='fp16' is only offered on CUDA; on the CPU use 'bf16' (where supported) or 'fp32'")
-        if not cpu_supports_bf16():
-            raise RuntimeError("precision='bf16' on the CPU needs AVX512-BF16 or AMX (not in this CPU's flags); "
-                               "use 'fp32'")
-        return
-    raise RuntimeError(f"precision={precision!r} is not supported on device {device}")
-
-
 class Segmenter:
-    """A model ready for inference. ``model(x)`` gives the main head's scores at its output stride."""
+    """A model ready for inference.
+
+    ``model``: the nn.Module; ``model(x)`` gives the main head's scores at its output stride. ``logits`` and
+    ``predict`` run the card's inference settings (whole/slide, scales, flips) at the chosen precision.
+    """
 
     def __init__(self, model: torch.nn.Module, card: ModelCard, device: torch.device | str = "cpu",
                  precision: str = "fp32", compile: bool = False):
+        from .inference.precision import check_precision
+
+        self.device = torch.device(device)
+        check_precision(self.device, precision)
         self.model = model
         self.card = card
-        self.device = torch.device(device)
         self.precision = precision
         self.compiled = compile
         self._forward = model
         if compile:
+            # freezing lets the CPU backend pre-pack convolution weights; the one-off compile happens on the
+            # first call per input shape
+            if self.device.type == "cpu":
+                import torch._inductor.config as inductor_config
+
+                inductor_config.freezing = True
             self._forward = torch.compile(model)
 
     def __repr__(self) -> str:
         return f"Segmenter({self.card.name!r}, device={str(self.device)!r}, precision={self.precision!r})"
 
     def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        from .inference.precision import autocast_context
+
+        return autocast_context(self.device, self.precision)
 
     def inference_settings(self, tta: bool = False, **overrides) -> dict:
         """The card's single-scale (or, with ``tta``, ms+flip) settings, with ``overrides`` that are not None."""
@@ -75,27 +50,55 @@ class Segmenter:
         settings = {k: base.get(k) for k in INFERENCE_KEYS}
         settings["flip_pairs"] = settings["flip_pairs"] or self.card.inference.get("flip_pairs") or ()
         settings.update({k: v for k, v in overrides.items() if v is not None})
+        if settings["mode"] == "slide" and not settings["crop_size"]:
+            # sliding asked of a whole-image card: the training crop, two thirds of it as the stride
+            crop = list(self.card.training.get("crop_size") or (512, 512))
+            settings["crop_size"] = crop
+            settings["stride"] = settings["stride"] or [max(1, (2 * c) // 3) for c in crop]
         return settings
 
     def logits(self, images: torch.Tensor, mode: str | None = None, crop_size=None, stride=None, scales=None,
-               flip: bool | None = None) -> torch.Tensor:
-        """Scores N,C,H,W for normalised images N,3,H,W, averaged over scales/flips as the toolbox does."""
+               flip: bool | None = None, tta: bool = False) -> torch.Tensor:
+        """Scores N,C,H,W at the input size for normalised images N,3,H,W, averaged over scales and flips as
+        the toolbox's inference script averages them; None = the card's value (``tta``: its ms+flip ones)."""
         from .inference.predictor import infer_logits
 
-        settings = self.inference_settings(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip)
+        settings = self.inference_settings(tta, mode=mode, crop_size=crop_size, stride=stride, scales=scales,
+                                           flip=flip)
         with torch.inference_mode(), self._autocast():
-            return infer_logits(self._forward, images.to(self.device), num_classes=self.card.num_classes,
-                                align_corners=self.card.architecture.get("align_corners", False), **settings)
+            scores = infer_logits(self._forward, images.to(self.device), num_classes=self.card.num_classes,
+                                  align_corners=self.card.architecture.get("align_corners", False), **settings)
+        return scores.float()
 
-    def predict(self, image, tta: bool = False):
-        """Label map (H x W numpy int) for a path, PIL image or HxWx3 uint8 RGB array, through the card's
-        own test pipeline; ``tta=True`` uses the card's ms+flip settings."""
+    def predict(self, image, tta: bool = False, mode: str | None = None, crop_size=None,
+                stride=None) -> np.ndarray:
+        """Label map (H x W numpy int32) for a path, PIL image or HxWx3 uint8 RGB array, through the card's
+        own test pipeline (read, resize, normalise, whole/slide, resize back, argmax); ``tta=True`` uses the
+        card's ms+flip settings; ``mode``/``crop_size``/``stride`` override the card's."""
         from .inference.image import read_image
         from .inference.predictor import predict_labels
 
         pre = self.card.preprocess
-        settings = self.inference_settings(tta=tta)
         with torch.inference_mode(), self._autocast():
             return predict_labels(self._forward, read_image(image), resize=pre["resize"], mean=pre["mean"],
                                   std=pre["std"], device=self.device, num_classes=self.card.num_classes,
-                                  align_corners=self.card.architecture.get("align_corners", False), **settings)
+                                  align_corners=self.card.architecture.get("align_corners", False),
+                                  **self.inference_settings(tta, mode=mode, crop_size=crop_size,
+                                                            stride=stride))
+
+    def colorize(self, labels: np.ndarray) -> np.ndarray:
+        from .inference.render import colorize
+
+        return colorize(labels, self.card.palette)
+
+    def overlay(self, image, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+        from .inference.image import read_image
+        from .inference.render import overlay
+
+        return overlay(read_image(image), labels, self.card.palette, alpha)
+
+    def legend(self, labels: np.ndarray | None = None) -> np.ndarray:
+        from .inference.render import legend
+
+        present = None if labels is None else np.unique(labels)
+        return legend(self.card.class_names, self.card.palette, present)

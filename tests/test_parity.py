@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import segtorch
+from segtorch.inference import fold_batchnorm
 from parity import (FIXTURES_DIR, input_shapes, reference_logits, reference_segmentor, relative_error,
                     seeded_input, seeded_state_dict, seeded_tensor, upstream_configs)
 
@@ -41,13 +42,21 @@ def _toolbox_file(tmp_path, state: dict[str, torch.Tensor]):
 
 
 def _segtorch_outputs(name: str, tmp_path, state: dict[str, torch.Tensor], shapes) -> list[torch.Tensor]:
+    """Outputs of the converted checkpoint as loaded (module in the toolbox's layout), checking on the way
+    that the default inference model (BatchNorm folded into the convolutions) gives the same answer."""
     src = _toolbox_file(tmp_path, state)
     dst = tmp_path / f"{name}.safetensors"
     report = segtorch.convert(src, dst, name=name)
     assert report.num_tensors > 0
-    seg = segtorch.load(name, checkpoint=dst)
+    seg = segtorch.load(name, checkpoint=dst, fuse_bn=False)
+    x = [seeded_input(s) for s in shapes]
     with torch.no_grad():
-        return [seg.model(seeded_input(s)) for s in shapes]
+        outputs = [seg.model(t) for t in x]
+        fold_batchnorm(seg.model)  # what load() does by default
+        for t, out in zip(x, outputs):
+            err = relative_error(seg.model(t), out)
+            assert err < TOLERANCE, f"{name}: folding BatchNorm moved the output by {err:.2e}"
+    return outputs
 
 
 def _state_from_layout(layout: dict[str, list]) -> dict[str, torch.Tensor]:
