@@ -1,0 +1,233 @@
+"""Inference speed and memory: segtorch vs the SSSegmentation toolbox, same weights and input, side by side.
+
+    python benchmarks/speed.py [--repeats 3] [--threads 2] [--skip-memory] [--device cpu|cuda]
+
+Cases (weights are random, seeded; both sides load the same state dict):
+  tta       PSPNet R-50-D8 ADE20K, 300x420 image, slide 256x256 stride 171, scales 0.75/1/1.25 + flip
+            (24 crops): toolbox auginference + its inference script's averaging vs ``Segmenter.logits``;
+            also segtorch's own model-forward time over those crops (overhead target: <= 10%),
+            bf16 (only where the CPU has AVX512-BF16/AMX; said clearly when skipped) and torch.compile.
+  memory    peak resident memory of a 2048x1024 slide inference (crop 512x1024, stride 341x683, 19 classes,
+            PSPNet R-50-D8 Cityscapes), each side in a fresh process.
+  gpu       with --device cuda: batched crops under fp16 autocast vs the toolbox in fp32.
+Timings are interleaved (toolbox, segtorch, toolbox, ...) and the median is reported with the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import segtorch  # noqa: E402
+from parity import SEEDS_DIR, relative_error, seeded_input, seeded_state_dict  # noqa: E402
+from segtorch.inference.precision import cpu_flags, cpu_supports_bf16  # noqa: E402
+
+TTA_NAME = "pspnet_resnet50os8_ade20k"
+TTA = {"mode": "slide", "crop_size": (256, 256), "stride": (171, 171), "scales": (0.75, 1.0, 1.25), "flip": True}
+MEM_NAME = "pspnet_resnet50os8_cityscapes"
+
+
+def toolbox_model(name: str, state: dict, inference: dict):
+    from ssseg.modules import BuildSegmentor
+
+    cfg = copy.deepcopy(json.loads((SEEDS_DIR / "upstream_configs.json").read_text())["configs"][name]["segmentor_cfg"])
+    cfg["backbone"]["pretrained"] = False
+    cfg["norm_cfg"] = {"type": "BatchNorm2d"}
+    cfg["inference"]["forward"] = {"mode": inference["mode"], "cropsize": list(inference["crop_size"]),
+                                   "stride": list(inference["stride"])}
+    cfg["inference"]["tta"] = {"multiscale": list(inference["scales"]), "flip": inference["flip"],
+                               "use_probs_before_resize": False}
+    model = BuildSegmentor(cfg, mode="TEST")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def toolbox_scores(model, x: torch.Tensor) -> torch.Tensor:
+    """The toolbox's inference script: auginference, each result resized to the image, averaged."""
+    with torch.no_grad():
+        outs = model.auginference(x)
+        outs = [F.interpolate(o, size=x.shape[2:], mode="bilinear", align_corners=model.align_corners) for o in outs]
+        return sum(outs) / len(outs)
+
+
+class ForwardTimer(torch.nn.Module):
+    """Wraps a model and adds up the wall time of its forward calls (the convolution work)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seconds, self.calls = model, 0.0, 0
+
+    def forward(self, x):
+        t0 = time.perf_counter()
+        out = self.model(x)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 100.0 * (a.argmax(1) == b.argmax(1)).float().mean().item()
+
+
+def case_tta(args, have_toolbox: bool) -> None:
+    from segtorch.inference.predictor import infer_logits
+
+    print(f"\n== tta: {TTA_NAME}, 300x420, slide 256/171, scales 0.75/1/1.25 + flip, {args.threads} threads ==")
+    state = seeded_state_dict(segtorch.create_model(TTA_NAME, auxiliary=True).state_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "w.pth"
+        torch.save({"model": state}, ckpt)
+        seg = segtorch.load(TTA_NAME, checkpoint=ckpt, device=args.device)
+    x = seeded_input((1, 3, 300, 420)).to(args.device)
+    ours = lambda: seg.logits(x, **TTA)  # noqa: E731
+    ref = toolbox_model(TTA_NAME, state, TTA) if have_toolbox else None
+    times = {"toolbox": [], "segtorch": []}
+    ours()  # warm-up (allocator, oneDNN primitive caches) for both sides
+    if ref is not None:
+        toolbox_scores(ref, x.cpu())
+    for _ in range(args.repeats):
+        if ref is not None:
+            ref_out, t = timed(toolbox_scores, ref, x.cpu())
+            times["toolbox"].append(t)
+        our_out, t = timed(ours)
+        times["segtorch"].append(t)
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    # the model's own forward passes over the same crops, through the same batching
+    timer = ForwardTimer(seg.model)
+    settings = seg.inference_settings(**TTA)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        infer_logits(timer, x, num_classes=seg.card.num_classes, align_corners=False, **settings)
+    total = time.perf_counter() - t0
+    print(f"segtorch fp32: {med['segtorch']:.2f} s (runs {', '.join(f'{t:.2f}' for t in times['segtorch'])})")
+    print(f"  model forward passes: {timer.seconds:.2f} s in {timer.calls} batched calls of {total:.2f} s "
+          f"-> everything else {100 * (total - timer.seconds) / total:.1f}% (target <= 10%)")
+    if ref is not None:
+        print(f"toolbox fp32:  {med['toolbox']:.2f} s (runs {', '.join(f'{t:.2f}' for t in times['toolbox'])})")
+        print(f"ratio toolbox / segtorch (fp32): {med['toolbox'] / med['segtorch']:.2f}x (target >= 1.3x); "
+              f"relative error {relative_error(our_out.cpu(), ref_out):.1e}, label agreement "
+              f"{agreement(our_out.cpu(), ref_out):.3f}%")
+    if args.device == "cpu" and not cpu_supports_bf16():
+        print("bf16: SKIPPED -- this CPU has neither avx512_bf16 nor amx_bf16 (bf16 would be emulated, slower)")
+    else:
+        fast = segtorch.Segmenter(seg.model, seg.card, device=args.device,
+                                  precision="bf16" if args.device == "cpu" else "fp16")
+        fast.logits(x, **TTA)
+        runs = []
+        for _ in range(args.repeats):
+            out16, t = timed(lambda: fast.logits(x, **TTA))
+            runs.append(t)
+        t16 = statistics.median(runs)
+        line = f"{fast.precision}: {t16:.2f} s, agreement with fp32 {agreement(out16.cpu(), our_out.cpu()):.3f}%"
+        if "toolbox" in med:
+            line += f", ratio toolbox / segtorch-{fast.precision}: {med['toolbox'] / t16:.2f}x (target >= 2x)"
+        print(line)
+    if args.compile:
+        comp = segtorch.Segmenter(seg.model, seg.card, device=args.device, compile=True)
+        _, first = timed(lambda: comp.logits(x, **TTA))
+        runs = []
+        for _ in range(args.repeats):
+            outc, t = timed(lambda: comp.logits(x, **TTA))
+            runs.append(t)
+        tc = statistics.median(runs)
+        line = (f"compile: first call {first:.1f} s (compile time ~{first - tc:.1f} s), steady {tc:.2f} s, "
+                f"agreement with fp32 {agreement(outc.cpu(), our_out.cpu()):.3f}%")
+        if "toolbox" in med:
+            line += f", ratio toolbox / compiled: {med['toolbox'] / tc:.2f}x"
+        print(line)
+
+
+MEMORY_CHILD = r"""
+import json, resource, sys, torch
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {bench!r})
+torch.set_num_threads({threads})
+from parity import seeded_input
+side, ckpt = {side!r}, {ckpt!r}
+inference = {{"mode": "slide", "crop_size": (512, 1024), "stride": (341, 683), "scales": (1.0,), "flip": False}}
+x = seeded_input((1, 3, 1024, 2048))
+if side == "toolbox":
+    from speed import toolbox_model, toolbox_scores
+    state = torch.load(ckpt, weights_only=True)["model"]
+    model = toolbox_model({name!r}, state, inference); del state
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = toolbox_scores(model, x)
+else:
+    import segtorch
+    seg = segtorch.load({name!r}, checkpoint=ckpt)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = seg.logits(x, **inference)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"peak_mib": peak / 1024, "before_mib": before / 1024}}))
+"""
+
+
+def case_memory(args, have_toolbox: bool) -> None:
+    print(f"\n== memory: {MEM_NAME}, 2048x1024 slide (crop 512x1024, stride 341x683), fresh processes ==")
+    state = seeded_state_dict(segtorch.create_model(MEM_NAME, auxiliary=True).state_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "w.pth"
+        torch.save({"model": state}, ckpt)
+        result = {}
+        for side in (["toolbox"] if have_toolbox else []) + ["segtorch"]:
+            code = MEMORY_CHILD.format(tests=str(ROOT / "tests"), bench=str(ROOT / "benchmarks"), side=side,
+                                       ckpt=str(ckpt), name=MEM_NAME, threads=args.threads)
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if out.returncode:
+                print(f"{side}: failed: {out.stderr.strip().splitlines()[-1]}")
+                continue
+            result[side] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = result[side]
+            print(f"{side:<9} peak RSS {r['peak_mib']:.0f} MiB (after loading {r['before_mib']:.0f} MiB; "
+                  f"inference adds {r['peak_mib'] - r['before_mib']:.0f} MiB), {time.perf_counter() - t0:.0f} s")
+    if len(result) == 2:
+        print(f"peak ratio segtorch / toolbox: {result['segtorch']['peak_mib'] / result['toolbox']['peak_mib']:.2f} "
+              f"(target <= 1.00)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compile on CPU)")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    flags = cpu_flags()
+    shown = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+    print(f"torch {torch.__version__}; CPU flags: {' '.join(shown) or 'unknown'}; "
+          f"bf16 fast path: {'yes' if cpu_supports_bf16() else 'no'}; threads {args.threads}; device {args.device}")
+    if args.device.startswith("cuda"):
+        print(f"GPU: {torch.cuda.get_device_name()}")
+    try:
+        import ssseg  # noqa: F401
+        have_toolbox = True
+    except ImportError:
+        have_toolbox = False
+        print("the toolbox (ssseg) is not importable: its side and the ratios are skipped")
+    case_tta(args, have_toolbox)
+    if not args.skip_memory and args.device == "cpu":
+        case_memory(args, have_toolbox)
+
+
+if __name__ == "__main__":
+    main()
