@@ -28,6 +28,9 @@ def cmd_list(args) -> int:
     if not cards:
         print("no model matches", file=sys.stderr)
         return 1
+    if args.markdown:
+        print(markdown_table(cards))
+        return 0
     width = max(len(c.name) for c in cards)
     print(f"{'name':<{width}}  {'dataset':<15} {'backbone':<13} {'mIoU':>6} {'flip':>6} {'ms+flip':>7}")
     for c in cards:
@@ -37,6 +40,17 @@ def cmd_list(args) -> int:
               f"{_fmt(r['miou_ms_flip']):>7}{tag}")
     print(f"{len(cards)} models")
     return 0
+
+
+def markdown_table(cards) -> str:
+    """The model table of the README (``segtorch list --markdown``)."""
+    lines = ["| name | dataset | backbone | mIoU | flip | ms+flip |", "|---|---|---|---:|---:|---:|"]
+    for c in cards:
+        r = c.reported
+        name = f"`{c.name}`" + (" (demo)" if c.demo else "")
+        lines.append(f"| {name} | {c.dataset} | {c.backbone} | {_fmt(r['miou'])} | {_fmt(r['miou_flip'])} | "
+                     f"{_fmt(r['miou_ms_flip'])} |")
+    return "\n".join(lines)
 
 
 def cmd_info(args) -> int:
@@ -101,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--family", help="pspnet, upernet, isnet, mcibi, idrnet")
     s.add_argument("--backbone", help="substring of the backbone, e.g. R-101 or swin")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("info", help="show a model card")
@@ -136,6 +151,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("segtorch: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `segtorch list | head`
+        sys.stderr.close()
+        return 0
     except (KeyError, ValueError, RuntimeError, OSError) as e:  # our errors are one line and say what is wrong
         print(f"segtorch: error: {e}", file=sys.stderr)
         return 1

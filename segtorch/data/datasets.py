@@ -490,8 +490,35 @@ class ImageFolderDataset(SegmentationDataset):
             raise DatasetError(f"{path}: {e}") from None
 
 
+class Shapes(SegmentationDataset):
+    """segtorch's synthetic demo scenes (``segtorch.data.synthetic``): ``{train,val}/images/*.png`` and
+    ``{train,val}/masks/*.png`` holding class indices 0..5."""
+
+    key, title = "shapes", "synthetic shapes"
+    aliases = ("shapes",)
+    layout = "train/ and val/, each with images/ and masks/"
+    id_to_class = {i: i for i in range(6)}
+
+    @classmethod
+    def matches(cls, root: Path) -> bool:
+        return any((root / s / "images").is_dir() and (root / s / "masks").is_dir() for s in cls.splits)
+
+    def find_samples(self) -> list[Sample]:
+        images = _require_dir(self.root / self.split / "images", f"{self.split} images")
+        masks = _require_dir(self.root / self.split / "masks", f"{self.split} masks")
+        return self._pair(_images_in(images), lambda p: masks / f"{p.stem}.png")
+
+    @classmethod
+    def generate(cls, root: str | Path, split: str = "val", count: int = 50) -> Path:
+        """Write the demo's deterministic ``split`` (the first ``count`` scenes) under ``root``."""
+        from .synthetic import write_split
+
+        write_split(root, split, count)
+        return Path(root)
+
+
 DATASETS: dict[str, type[SegmentationDataset]] = {
-    cls.key: cls for cls in (ADE20K, Cityscapes, VOC, COCOStuff10k, LIP, PascalContext59)}
+    cls.key: cls for cls in (ADE20K, Cityscapes, VOC, COCOStuff10k, LIP, PascalContext59, Shapes)}
 
 
 def dataset_class(key: str) -> type[SegmentationDataset]:

@@ -20,7 +20,8 @@ import sys
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", metavar="NAME|PATTERN", help="model names or fnmatch patterns ('isnet_*')")
     p.add_argument("--all", action="store_true", help="every model whose dataset is under --data-root")
-    p.add_argument("--data-root", required=True, help="the dataset's top folder (or a folder holding datasets)")
+    p.add_argument("--data-root", help="the dataset's top folder (or a folder holding datasets); optional for the "
+                                       "demo model, whose evaluation set is generated")
     p.add_argument("--checkpoint", help="weights to evaluate instead of the card's (one model only)")
     p.add_argument("--tta", action="store_true", help="the card's multi-scale + flip settings")
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
@@ -102,6 +103,13 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
         raise ValueError(f"--checkpoint applies to one model; {len(names)} selected")
     explicit = len(names) == 1 and not args.all
     cards = [segtorch.model_card(n) for n in names]
+    if args.data_root is None:
+        if not all(c.dataset == "shapes" for c in cards):
+            raise ValueError("--data-root is required (the dataset's top folder as downloaded)")
+        from ..data.datasets import Shapes
+        from ..hub import home
+
+        args.data_root = str(Shapes.generate(home() / "data" / "shapes"))  # deterministic: the shipped set
     roots = {}
     for card in cards:  # where each selected dataset is (once per dataset)
         if card.dataset not in roots:
