@@ -16,17 +16,13 @@ import torch.nn.functional as F
 
 from ..layers import ActLayer, ConvNormAct, NormLayer, classifier
 from ..segmentor import Segmentor
-from .selfattention import SelfAttentionBlock
+from .selfattention import SelfAttentionBlock, context_attention
 
 
 def _attention(key_in_channels: int, feats_channels: int, transform_channels: int, norm_layer: NormLayer,
                act_layer: ActLayer) -> SelfAttentionBlock:
-    # the one self-attention configuration ISNet uses (two key/query convs, normalised projections)
-    return SelfAttentionBlock(
-        key_in_channels=key_in_channels, query_in_channels=feats_channels, transform_channels=transform_channels,
-        out_channels=feats_channels, share_key_query=False, query_downsample=None, key_downsample=None,
-        key_query_num_convs=2, value_out_num_convs=1, key_query_norm=True, value_out_norm=True, matmul_norm=True,
-        with_out_project=True, norm_layer=norm_layer, act_layer=act_layer)
+    return context_attention(key_in_channels, feats_channels, transform_channels, feats_channels, norm_layer,
+                             act_layer)
 
 
 class ImageLevelContext(nn.Module):

@@ -22,16 +22,13 @@ from ..layers import ActLayer, ConvNormAct, NormLayer, classifier, norm_layer_fr
 from ..segmentor import Segmentor
 from .aspp import ASPP
 from .psp import PyramidPoolingModule
-from .selfattention import SelfAttentionBlock
+from .selfattention import SelfAttentionBlock, context_attention
 
 
 def _attention(feats_channels: int, transform_channels: int, norm_layer: NormLayer,
                act_layer: ActLayer) -> SelfAttentionBlock:
-    return SelfAttentionBlock(
-        key_in_channels=feats_channels, query_in_channels=feats_channels, transform_channels=transform_channels,
-        out_channels=feats_channels, share_key_query=False, query_downsample=None, key_downsample=None,
-        key_query_num_convs=2, value_out_num_convs=1, key_query_norm=True, value_out_norm=True, matmul_norm=True,
-        with_out_project=True, norm_layer=norm_layer, act_layer=act_layer)
+    return context_attention(feats_channels, feats_channels, transform_channels, feats_channels, norm_layer,
+                             act_layer)
 
 
 class FeaturesMemory(nn.Module):

@@ -75,3 +75,14 @@ class SelfAttentionBlock(nn.Module):
         if self.out_project is not None:
             context = self.out_project(context)
         return context
+
+
+def context_attention(key_in_channels: int, query_in_channels: int, transform_channels: int, out_channels: int,
+                      norm_layer: NormLayer, act_layer: ActLayer) -> SelfAttentionBlock:
+    """The configuration ISNet and MCIBI use: two normalised key/query convs, one value conv, scaled dot
+    products, an output projection."""
+    return SelfAttentionBlock(
+        key_in_channels=key_in_channels, query_in_channels=query_in_channels, transform_channels=transform_channels,
+        out_channels=out_channels, share_key_query=False, query_downsample=None, key_downsample=None,
+        key_query_num_convs=2, value_out_num_convs=1, key_query_norm=True, value_out_norm=True, matmul_norm=True,
+        with_out_project=True, norm_layer=norm_layer, act_layer=act_layer)
