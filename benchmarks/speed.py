@@ -156,7 +156,7 @@ def case_tta(args, have_toolbox: bool) -> None:
 
 
 MEMORY_CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {bench!r})
 torch.set_num_threads({threads})
 from parity import seeded_input
@@ -167,15 +167,21 @@ if side == "toolbox":
     from speed import toolbox_model, toolbox_scores
     state = torch.load(ckpt, weights_only=True)["model"]
     model = toolbox_model({name!r}, state, inference); del state
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = hwm()
     out = toolbox_scores(model, x)
 else:
     import segtorch
     seg = segtorch.load({name!r}, checkpoint=ckpt)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = hwm()
     out = seg.logits(x, **inference)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"peak_mib": peak / 1024, "before_mib": before / 1024}}))
+print(json.dumps({{"peak_mib": hwm(), "before_mib": before}}))
+"""
+# VmHWM (peak resident memory) is per address space: unlike ru_maxrss it does not carry over from the parent
+HWM = r"""
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 """
 
 
@@ -185,9 +191,10 @@ def case_memory(args, have_toolbox: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "w.pth"
         torch.save({"model": state}, ckpt)
+        del state
         result = {}
         for side in (["toolbox"] if have_toolbox else []) + ["segtorch"]:
-            code = MEMORY_CHILD.format(tests=str(ROOT / "tests"), bench=str(ROOT / "benchmarks"), side=side,
+            code = HWM + MEMORY_CHILD.format(tests=str(ROOT / "tests"), bench=str(ROOT / "benchmarks"), side=side,
                                        ckpt=str(ckpt), name=MEM_NAME, threads=args.threads)
             t0 = time.perf_counter()
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -69,8 +69,9 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     ``checkpoint``: a local ``.pth``/``.safetensors`` file or a URL; by default the card's weights are fetched
     (Hugging Face mirror first, then the GitHub release) and cached. ``precision="bf16"/"fp16"`` and
     ``compile=True`` are opt-in speed; fp32 reproduces the toolbox's outputs. ``fuse_bn`` folds BatchNorm into
-    the convolutions before it (same outputs to ~1e-6, less work); by default on, except with ``auxiliary``
-    (fine-tuning), and off to keep the module's state dict in the toolbox's layout.
+    the convolutions before it and runs ``predict``/``logits`` in channels-last layout (same outputs to ~1e-6,
+    less work); by default on, except with ``auxiliary`` (fine-tuning); off keeps the module's state dict in the
+    toolbox's layout.
     """
     from .inference.precision import check_precision
     from .segmenter import Segmenter
@@ -82,11 +83,14 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     model = _meta_model(card, auxiliary)
     state, _ = load_for_model(path, model, keep=("auxiliary_decoder.",) if auxiliary else ())
     model = _materialise(model, state).eval()
-    if fuse_bn if fuse_bn is not None else not auxiliary:
+    fast = fuse_bn if fuse_bn is not None else not auxiliary
+    if fast:
         from .inference.fuse import fold_batchnorm
 
         fold_batchnorm(model)
-    return Segmenter(model.to(device), card, device=device, precision=precision, compile=compile)
+    # the inference fast path also runs convolutions in channels-last layout (seg.model stays usable as is)
+    return Segmenter(model.to(device), card, device=device, precision=precision, compile=compile,
+                     channels_last=fast)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, name: str, *, auxiliary: bool = False

@@ -9,6 +9,18 @@ from .registry import ModelCard
 INFERENCE_KEYS = ("mode", "crop_size", "stride", "scales", "flip", "flip_pairs", "softmax_before_resize")
 
 
+class ChannelsLast(torch.nn.Module):
+    """Runs ``model`` on NHWC inputs: oneDNN's and cuDNN's faster convolution layout (same results to
+    rounding). The model's weights are converted once, here."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+
 class Segmenter:
     """A model ready for inference.
 
@@ -17,7 +29,7 @@ class Segmenter:
     """
 
     def __init__(self, model: torch.nn.Module, card: ModelCard, device: torch.device | str = "cpu",
-                 precision: str = "fp32", compile: bool = False):
+                 precision: str = "fp32", compile: bool = False, channels_last: bool = False):
         from .inference.precision import check_precision
 
         self.device = torch.device(device)
@@ -26,7 +38,7 @@ class Segmenter:
         self.card = card
         self.precision = precision
         self.compiled = compile
-        self._forward = model
+        self._forward = ChannelsLast(model) if channels_last else model
         if compile:
             # freezing lets the CPU backend pre-pack convolution weights; the one-off compile happens on the
             # first call per input shape
@@ -34,7 +46,7 @@ class Segmenter:
                 import torch._inductor.config as inductor_config
 
                 inductor_config.freezing = True
-            self._forward = torch.compile(model)
+            self._forward = torch.compile(self._forward)
 
     def __repr__(self) -> str:
         return f"Segmenter({self.card.name!r}, device={str(self.device)!r}, precision={self.precision!r})"

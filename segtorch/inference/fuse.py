@@ -119,7 +119,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
 
 @torch.no_grad()
 def _fold(conv: nn.Conv2d, bn: _BatchNorm) -> None:
-    # y = gamma * (conv(x) + b - mean) / sqrt(var + eps) + beta, computed in float64 then cast back
+    # y = gamma * (conv(x) + b - mean) / sqrt(var + eps) + beta
     scale = bn.running_var.double().add(bn.eps).rsqrt()
     if bn.weight is not None:
         scale = scale * bn.weight.double()
@@ -128,7 +128,8 @@ def _fold(conv: nn.Conv2d, bn: _BatchNorm) -> None:
     if bn.bias is not None:
         shift = shift + bn.bias.double()
     w = conv.weight
-    conv.weight = nn.Parameter((w.double() * scale.view(-1, 1, 1, 1)).to(w.dtype), requires_grad=False)
+    # the per-channel factors in float64, the (large) weight tensor scaled in its own dtype: one rounding
+    conv.weight = nn.Parameter(w * scale.to(w.dtype).view(-1, 1, 1, 1), requires_grad=False)
     conv.bias = nn.Parameter(shift.to(w.dtype), requires_grad=False)
 
 

@@ -28,7 +28,7 @@ Model = Callable[[torch.Tensor], torch.Tensor]
 # Rough peak activation memory of a large segmentor per input pixel at fp32 (ResNet-101 os8, Swin-L, ViT-L
 # at 512x512 stay under it); sets how many crops go into one batch when ``batch_crops`` is not given.
 _BYTES_PER_PIXEL = 4096
-_CPU_PIXEL_BUDGET = 1 << 20  # about four 512x512 crops: batching gains little on the CPU, memory is shared
+_CPU_PIXEL_BUDGET = 1 << 19  # two 512x512 crops (eight 256x256): batching gains little on the CPU, memory counts
 # the temporary of the final resize is made channel-chunk by channel-chunk, at most this many elements
 _RESIZE_CHUNK_ELEMENTS = 1 << 25
 
