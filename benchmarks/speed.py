@@ -83,6 +83,22 @@ def timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
+def median_time(fn, repeats: int):
+    """(last output, median seconds) over ``repeats`` calls."""
+    runs = []
+    for _ in range(repeats):
+        out, t = timed(fn)
+        runs.append(t)
+    return out, statistics.median(runs)
+
+
+def random_checkpoint(name: str, folder: Path) -> Path:
+    """A toolbox-format file for ``name`` holding the seeded random weights (auxiliary heads included)."""
+    path = folder / "w.pth"
+    torch.save({"model": seeded_state_dict(segtorch.create_model(name, auxiliary=True).state_dict())}, path)
+    return path
+
+
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return 100.0 * (a.argmax(1) == b.argmax(1)).float().mean().item()
 
@@ -91,10 +107,9 @@ def case_tta(args, have_toolbox: bool) -> None:
     from segtorch.inference.predictor import infer_logits
 
     print(f"\n== tta: {TTA_NAME}, 300x420, slide 256/171, scales 0.75/1/1.25 + flip, {args.threads} threads ==")
-    state = seeded_state_dict(segtorch.create_model(TTA_NAME, auxiliary=True).state_dict())
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "w.pth"
-        torch.save({"model": state}, ckpt)
+        ckpt = random_checkpoint(TTA_NAME, Path(tmp))
+        state = torch.load(ckpt, weights_only=True)["model"]
         seg = segtorch.load(TTA_NAME, checkpoint=ckpt, device=args.device)
     x = seeded_input((1, 3, 300, 420)).to(args.device)
     ours = lambda: seg.logits(x, **TTA)  # noqa: E731
@@ -131,11 +146,7 @@ def case_tta(args, have_toolbox: bool) -> None:
         fast = segtorch.Segmenter(seg.model, seg.card, device=args.device,
                                   precision="bf16" if args.device == "cpu" else "fp16")
         fast.logits(x, **TTA)
-        runs = []
-        for _ in range(args.repeats):
-            out16, t = timed(lambda: fast.logits(x, **TTA))
-            runs.append(t)
-        t16 = statistics.median(runs)
+        out16, t16 = median_time(lambda: fast.logits(x, **TTA), args.repeats)
         line = f"{fast.precision}: {t16:.2f} s, agreement with fp32 {agreement(out16.cpu(), our_out.cpu()):.3f}%"
         if "toolbox" in med:
             line += f", ratio toolbox / segtorch-{fast.precision}: {med['toolbox'] / t16:.2f}x (target >= 2x)"
@@ -143,11 +154,7 @@ def case_tta(args, have_toolbox: bool) -> None:
     if args.compile:
         comp = segtorch.Segmenter(seg.model, seg.card, device=args.device, compile=True)
         _, first = timed(lambda: comp.logits(x, **TTA))
-        runs = []
-        for _ in range(args.repeats):
-            outc, t = timed(lambda: comp.logits(x, **TTA))
-            runs.append(t)
-        tc = statistics.median(runs)
+        outc, tc = median_time(lambda: comp.logits(x, **TTA), args.repeats)
         line = (f"compile: first call {first:.1f} s (compile time ~{first - tc:.1f} s), steady {tc:.2f} s, "
                 f"agreement with fp32 {agreement(outc.cpu(), our_out.cpu()):.3f}%")
         if "toolbox" in med:
@@ -187,11 +194,8 @@ def hwm():
 
 def case_memory(args, have_toolbox: bool) -> None:
     print(f"\n== memory: {MEM_NAME}, 2048x1024 slide (crop 512x1024, stride 341x683), fresh processes ==")
-    state = seeded_state_dict(segtorch.create_model(MEM_NAME, auxiliary=True).state_dict())
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "w.pth"
-        torch.save({"model": state}, ckpt)
-        del state
+        ckpt = random_checkpoint(MEM_NAME, Path(tmp))
         result = {}
         for side in (["toolbox"] if have_toolbox else []) + ["segtorch"]:
             code = HWM + MEMORY_CHILD.format(tests=str(ROOT / "tests"), bench=str(ROOT / "benchmarks"), side=side,

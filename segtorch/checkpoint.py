@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .hub import sha256_file
+from .hub import sha256_file  # noqa: F401 - re-exported: checkpoint hashes are a checkpoint concern
 
 
 class CheckpointError(ValueError):

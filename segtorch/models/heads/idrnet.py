@@ -26,12 +26,12 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..layers import ActLayer, ConvNormAct, NormLayer, not_inplace
+from ..layers import ActLayer, ConvNormAct, NormLayer
 from ..segmentor import Segmentor
 from .aspp import ASPP
 from .psp import PyramidPoolingModule
 from .selfattention import SelfAttentionBlock
-from .upernet import fpn_fuse
+from .upernet import fpn_fuse, fpn_layers
 
 # the toolbox switches off non-positive mean relations with this logit before the softmax
 NEGATIVE_RELATION_LOGIT = -1e16
@@ -104,13 +104,8 @@ class IDRNet(Segmentor):
         # FPN over the earlier backbone stages with the coarse context on top
         fpn_channels = 0
         if use_fpn:
-            lateral_act = not_inplace(act_layer)  # lateral outputs are summed into afterwards
-            self.lateral_convs = nn.ModuleList(
-                ConvNormAct(c, fpn_feats_channels, 1, norm_layer=norm_layer, act_layer=lateral_act)
-                for c in fpn_in_channels_list[:-1])
-            self.fpn_convs = nn.ModuleList(
-                ConvNormAct(fpn_feats_channels, fpn_out_channels, 3, norm_layer=norm_layer, act_layer=lateral_act)
-                for _ in fpn_in_channels_list[:-1])
+            self.lateral_convs, self.fpn_convs = fpn_layers(fpn_in_channels_list, fpn_feats_channels,
+                                                            fpn_out_channels, norm_layer, act_layer)
             fpn_channels = fpn_out_channels * len(self.fpn_convs)
 
         # statistics collected while training (state-dict entries of the published checkpoints)

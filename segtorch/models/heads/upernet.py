@@ -25,16 +25,22 @@ class UPerHead(nn.Module):
         self.align_corners = align_corners
         self.ppm_net = PyramidPoolingModule(in_channels_list[-1], feats_channels, pool_scales, align_corners,
                                             norm_layer, act_layer)
-        lateral_act = not_inplace(act_layer)  # lateral outputs are summed into afterwards
-        self.lateral_convs = nn.ModuleList(
-            ConvNormAct(c, feats_channels, 1, norm_layer=norm_layer, act_layer=lateral_act)
-            for c in in_channels_list[:-1])
-        self.fpn_convs = nn.ModuleList(
-            ConvNormAct(feats_channels, feats_channels, 3, norm_layer=norm_layer, act_layer=lateral_act)
-            for _ in in_channels_list[:-1])
+        self.lateral_convs, self.fpn_convs = fpn_layers(in_channels_list, feats_channels, feats_channels,
+                                                        norm_layer, act_layer)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         return fpn_fuse(feats, self.ppm_net, self.lateral_convs, self.fpn_convs, self.align_corners)
+
+
+def fpn_layers(in_channels_list: Sequence[int], feats_channels: int, out_channels: int, norm_layer: NormLayer,
+               act_layer: ActLayer) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """The FPN's 1x1 lateral convs and 3x3 output convs for every level but the top one."""
+    lateral_act = not_inplace(act_layer)  # lateral outputs are summed into afterwards
+    lateral = nn.ModuleList(ConvNormAct(c, feats_channels, 1, norm_layer=norm_layer, act_layer=lateral_act)
+                            for c in in_channels_list[:-1])
+    output = nn.ModuleList(ConvNormAct(feats_channels, out_channels, 3, norm_layer=norm_layer, act_layer=lateral_act)
+                           for _ in in_channels_list[:-1])
+    return lateral, output
 
 
 def fpn_fuse(feats: Sequence[torch.Tensor], ppm_net: nn.Module, lateral_convs: nn.ModuleList,
