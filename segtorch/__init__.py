@@ -10,16 +10,19 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .registry import ModelCard, UnknownModelError, list_models, model_card  # noqa: E402  (no torch import)
+from .errors import (CheckpointError, ChecksumError, DatasetError, DownloadError, ImageReadError,  # noqa: E402
+                     OfflineError, SegtorchError, UnknownModelError, UsageError)
+from .registry import ModelCard, list_models, model_card  # noqa: E402  (no torch import)
 
 _LAZY = {
     "create_model": "api", "load": "api", "convert": "api",
     "Segmenter": "segmenter",
-    "CheckpointError": "checkpoint",
     "download": "hub",
 }
 
-__all__ = ["__version__", "ModelCard", "UnknownModelError", "list_models", "model_card", *_LAZY]
+__all__ = ["__version__", "ModelCard", "list_models", "model_card", "SegtorchError", "UnknownModelError",
+           "CheckpointError", "DownloadError", "ChecksumError", "OfflineError", "ImageReadError", "DatasetError",
+           "UsageError", *_LAZY]
 
 
 def __getattr__(name: str):

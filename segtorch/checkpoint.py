@@ -2,7 +2,7 @@
 
 Reading never unpickles code: ``torch.load(weights_only=True)`` only. Published files are dicts with the
 weights under ``model`` (files from elsewhere: ``state_dict`` or bare, sometimes ``module.``-prefixed); see
-``../shared/legacy-keys.md`` for what the toolbox wrote over the years.
+``conversion/upstream/legacy-keys.md`` for what the toolbox wrote over the years.
 """
 from __future__ import annotations
 
@@ -17,10 +17,7 @@ from typing import Iterable, Mapping
 import torch
 
 from .hub import sha256_file  # noqa: F401 - re-exported: checkpoint hashes are a checkpoint concern
-
-
-class CheckpointError(ValueError):
-    """A file that is not a usable checkpoint (missing, truncated, not a checkpoint, wrong architecture)."""
+from .errors import CheckpointError  # noqa: F401 - re-exported
 
 
 # (old prefix, new prefix, why). Applied only when the file has the old keys and the model expects the new.

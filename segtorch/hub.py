@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote, urlsplit, urlunsplit
+from .errors import OfflineError, DownloadError, ChecksumError  # noqa: F401 - re-exported
 
 __all__ = [
     "home",
@@ -51,18 +52,6 @@ _RETRY_AFTER_MAX = 30.0
 _MAX_ATTEMPTS = 64
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _SUFFIXES = (".part", ".lock", ".sha256", ".tmp")
-
-
-class OfflineError(RuntimeError):
-    """A file is needed from the network but offline mode is on."""
-
-
-class DownloadError(RuntimeError):
-    """A download failed (HTTP error, network failure, invalid content)."""
-
-
-class ChecksumError(DownloadError):
-    """The bytes received (or cached) do not have the expected sha256."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,16 +16,10 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
+from .errors import UnknownModelError  # noqa: F401 - re-exported
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 HF_ORG_ENV = "SEGTORCH_HF_ORG"
-
-
-class UnknownModelError(KeyError):
-    """An unknown or malformed model name; the message suggests the closest known names."""
-
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0]) if self.args else ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-SEEDS_DIR = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+UPSTREAM_DIR = Path(__file__).resolve().parents[1] / "conversion" / "upstream"  # in-repo copy of the zoo facts
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "parity"
 
 
@@ -76,7 +76,7 @@ def input_shapes(name: str) -> list[list[int]]:
 
 @functools.lru_cache(maxsize=1)
 def upstream_configs() -> dict:
-    return json.loads((SEEDS_DIR / "upstream_configs.json").read_text())["configs"]
+    return json.loads((UPSTREAM_DIR / "upstream_configs.json").read_text())["configs"]
 
 
 def reference_segmentor(name: str):

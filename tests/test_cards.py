@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import segtorch
-from parity import SEEDS_DIR, upstream_configs
+from parity import UPSTREAM_DIR, upstream_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-with open(SEEDS_DIR / "checkpoints.tsv", newline="") as _f:
+with open(UPSTREAM_DIR / "checkpoints.tsv", newline="") as _f:
     ROWS = {r["name"]: r for r in csv.DictReader(_f, delimiter="\t")}
 NAMES = sorted(ROWS)
 

@@ -22,13 +22,10 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from ..errors import DatasetError  # noqa: F401 - re-exported
 
 IGNORE_INDEX = -100
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-class DatasetError(ValueError):
-    """A dataset folder that is missing, laid out differently than expected, empty, or holds a bad file."""
 
 
 @dataclasses.dataclass(frozen=True)

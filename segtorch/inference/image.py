@@ -17,16 +17,13 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from ..errors import ImageReadError  # noqa: F401 - re-exported
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 _INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                    "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
-
-
-class ImageReadError(ValueError):
-    """A file or object that cannot be turned into an RGB image; the message names the file and the reason."""
 
 
 # ---- reading ------------------------------------------------------------------------------------------------

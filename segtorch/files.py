@@ -1,0 +1,62 @@
+"""The lowest layer: files on disk. One atomic write and one hash for all of segtorch.
+
+Nothing here imports another segtorch module.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(dst: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``dst``; when the block ends without error it is renamed onto ``dst``
+    (readers see the old file or the new one, never half of one), else removed. The new file gets the
+    ordinary permissions (0o666 less the umask), as ``open(dst, "w")`` would give it."""
+    dst = Path(dst)
+    if dst.is_dir():
+        raise IsADirectoryError(f"{dst} is a directory; give a file path")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(dst: str | os.PathLike, data: bytes | str, encoding: str = "utf-8") -> Path:
+    """Write ``data`` to ``dst`` atomically (see ``atomic_path``)."""
+    with atomic_path(dst) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding=encoding)
+        else:
+            tmp.write_bytes(data)
+    return Path(dst)
