@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from .errors import (CheckpointError, ChecksumError, DatasetError, DownloadError, ImageReadError,  # noqa: E402
                      OfflineError, SegtorchError, UnknownModelError, UsageError)
+from .lazy import lazy_attributes  # noqa: E402
 from .registry import ModelCard, list_models, model_card  # noqa: E402  (no torch import)
 
 _LAZY = {
@@ -25,15 +26,4 @@ __all__ = ["__version__", "ModelCard", "list_models", "model_card", "SegtorchErr
            "UsageError", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'segtorch' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

@@ -9,10 +9,33 @@ import json
 import sys
 
 from . import __version__
+from .errors import SegtorchError
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in text:
+        text = f"{error.filename}: {text}"
+    return text or type(error).__name__
 
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _no_match(args) -> str:
+    """Why ``segtorch list`` found nothing, with the values that would have matched something."""
+    from .registry import list_models, model_card
+
+    cards = [model_card(n) for n in list_models()]
+    hints = []
+    for flag, value, field in (("--dataset", args.dataset, "dataset"), ("--family", args.family, "family")):
+        valid = sorted({getattr(c, field) for c in cards})
+        if value and value not in valid:
+            hints.append(f"{flag} must be one of {', '.join(valid)}")
+    if args.pattern and not any(ch in args.pattern for ch in "*?["):
+        hints.append(f"patterns match whole names: try '{args.pattern}*'")
+    return "no model matches" + (f" ({'; '.join(hints)})" if hints else "")
 
 
 def cmd_list(args) -> int:
@@ -20,25 +43,27 @@ def cmd_list(args) -> int:
 
     names = list_models(args.pattern, dataset=args.dataset, family=args.family, backbone=args.backbone)
     cards = [model_card(n) for n in names]
+    if not cards:
+        if args.json:
+            print("[]")
+        print(f"segtorch: {_no_match(args)}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps([{"name": c.name, "family": c.family, "dataset": c.dataset, "backbone": c.backbone,
                            "reported": c.reported, "aliases": list(c.aliases), "demo": c.demo} for c in cards],
                          indent=2))
         return 0
-    if not cards:
-        print("no model matches", file=sys.stderr)
-        return 1
     if args.markdown:
         print(markdown_table(cards))
         return 0
-    width = max(len(c.name) for c in cards)
-    print(f"{'name':<{width}}  {'dataset':<15} {'backbone':<13} {'mIoU':>6} {'flip':>6} {'ms+flip':>7}")
-    for c in cards:
-        r = c.reported
-        tag = "  (demo)" if c.demo else ""
-        print(f"{c.name:<{width}}  {c.dataset:<15} {c.backbone:<13} {_fmt(r['miou']):>6} {_fmt(r['miou_flip']):>6} "
-              f"{_fmt(r['miou_ms_flip']):>7}{tag}")
-    print(f"{len(cards)} models")
+    rows = [(c.name, c.dataset, c.backbone, _fmt(c.reported["miou"]), _fmt(c.reported["miou_flip"]),
+             _fmt(c.reported["miou_ms_flip"]), "(demo)" if c.demo else "") for c in cards]
+    header = ("name", "dataset", "backbone", "mIoU", "flip", "ms+flip", "")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [f"{v:<{w}}" if i < 3 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(row[:-1], widths))]
+        print("  ".join(cells) + (f"  {row[-1]}" if row[-1] else ""))
+    print(f"{len(cards)} model{'s' if len(cards) != 1 else ''}")
     return 0
 
 
@@ -67,10 +92,18 @@ def cmd_info(args) -> int:
     print(f"dataset:       {card.dataset_title} [{card.dataset}], {card.num_classes} classes")
     reported = ", ".join(f"{k} {v:.2f}" for k, v in card.reported.items() if v is not None) or "none published"
     print(f"reported:      {reported} ({card.reported_split} split)")
-    print(f"weights:       {card.url}")
-    if card.hub:
-        print(f"hf mirror:     {card.hub['repo']} / {card.hub['file']}")
-    print(f"sha256:        {card.sha256 or 'unknown (trusted on first use)'}")
+    if card.weights:
+        from .files import sha256_file
+        from .registry import cards_dir
+
+        shipped = cards_dir() / card.weights
+        print(f"weights:       shipped with segtorch ({shipped})")
+        print(f"sha256:        {sha256_file(shipped) if shipped.is_file() else 'missing from this installation'}")
+    else:
+        print(f"weights:       {card.url}")
+        if card.hub:
+            print(f"hf mirror:     {card.hub['repo']} / {card.hub['file']}")
+        print(f"sha256:        {card.sha256 or 'unknown (trusted on first use)'}")
     resize = card.preprocess["resize"]
     print(f"test resize:   {resize.get('output_size')} keep_ratio={resize.get('keep_ratio')}; "
           f"mean {card.preprocess['mean']} std {card.preprocess['std']} ({card.preprocess['channel_order']})")
@@ -82,7 +115,10 @@ def cmd_info(args) -> int:
         print(f"tta:           {tta.get('mode')}{crop}, scales {tta.get('scales')}, flip {tta.get('flip')} "
               f"[{tta.get('source')}]")
     t = card.training
-    print(f"training:      {t.get('schedule')}, crop {t.get('crop_size')}, {t.get('optimizer', {}).get('type')}")
+    schedule = t.get("schedule") or (f"{t['epochs']} epochs" if t.get("epochs") else "unknown schedule")
+    print(f"training:      {schedule}, crop {t.get('crop_size')}, {t.get('optimizer', {}).get('type')}")
+    if t.get("command"):
+        print(f"trained with:  {t['command']}")
     return 0
 
 
@@ -154,9 +190,10 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # e.g. `segtorch list | head`
         sys.stderr.close()
         return 0
-    except (KeyError, ValueError, RuntimeError, OSError) as e:  # our errors are one line and say what is wrong
-        print(f"segtorch: error: {e}", file=sys.stderr)
+    except (SegtorchError, OSError) as e:  # user-caused: one line that says what is wrong and what to do
+        print(f"segtorch: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    # anything else is a bug in segtorch and keeps its traceback
 
 
 if __name__ == "__main__":

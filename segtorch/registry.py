@@ -183,6 +183,9 @@ def resolve_name(name: str) -> str:
     if _lookup(name) is not None:
         return name
     if not _NAME_RE.match(name):
+        lower = name.lower()
+        if _NAME_RE.match(lower) and (_lookup(lower) is not None or lower in _registry()[1]):
+            raise UnknownModelError(f"unknown model {name!r}; names are lowercase: did you mean {lower}?")
         raise UnknownModelError(f"{name!r} is not a model name: names use lowercase letters, digits and '_' "
                                 f"(see segtorch.list_models())")
     cards, aliases = _registry()

@@ -44,3 +44,98 @@ def test_bad_name_is_one_line_and_nonzero():
     assert "isnet_resnet50os8_lip" in out.stderr
     out = segtorch("info", "../../etc/passwd")
     assert out.returncode == 1 and "is not a model name" in out.stderr
+
+
+# ---- issue 14: nonsense refused before any work; list/info details; `python -m segtorch` -----------------------
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("args, argument", [
+    (["--iters", "-5"], "--iters"), (["--iters", "0"], "--iters"), (["--epochs", "-1"], "--epochs"),
+    (["--num-classes", "0"], "--num-classes"), (["--crop-size", "0", "0"], "--crop-size"),
+    (["--batch-size", "0"], "--batch-size"), (["--lr", "-1"], "--lr"), (["--workers", "-1"], "--workers"),
+])
+def test_train_refuses_nonsense_before_any_work(tmp_path, args, argument):
+    out = subprocess.run([sys.executable, "-m", "segtorch", "train", "demo_pspnet_shapes", "--images", str(tmp_path),
+                          "--masks", str(tmp_path), "--work-dir", str(tmp_path / "w"), *args],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert argument in last and ("positive" in last or "0 or a positive" in last), last
+    assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_eval_limit_must_be_positive():
+    out = segtorch("eval", "demo_pspnet_shapes", "--limit", "0")
+    assert out.returncode == 2 and "--limit" in out.stderr
+
+
+def test_python_dash_m_segtorch():
+    out = subprocess.run([sys.executable, "-m", "segtorch", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("segtorch ")
+
+
+def test_list_one_model_is_aligned_and_singular():
+    out = segtorch("list", "demo*")
+    assert out.returncode == 0, out.stderr
+    header, row, count = out.stdout.strip().splitlines()
+    # every column of the row starts where its header starts
+    for column in ("dataset", "backbone", "mIoU"):
+        assert header.index(column) <= len(row)
+    assert row[header.index("dataset"):].startswith("shapes")
+    assert row[header.index("backbone"):].startswith("R-50-D8 (quarter width)")
+    assert count == "1 model"
+
+
+def test_list_no_match_names_valid_values_and_json_exits_nonzero():
+    out = segtorch("list", "--dataset", "ade")
+    assert out.returncode == 1 and "ade20k" in out.stderr and "cityscapes" in out.stderr
+    out = segtorch("list", "isnet")
+    assert out.returncode == 1 and "isnet*" in out.stderr
+    out = segtorch("list", "zzz*", "--json")
+    assert out.returncode == 1 and json.loads(out.stdout) == []
+
+
+def test_info_wrong_case_suggests_the_name():
+    out = segtorch("info", "isnet_resnet101os8_ade20K")
+    assert out.returncode == 1 and "isnet_resnet101os8_ade20k" in out.stderr
+    assert out.stderr.count("\n") == 1
+
+
+def test_info_demo_says_where_its_weights_are():
+    out = segtorch("info", "demo_pspnet_shapes")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "None" not in text and "trusted on first use" not in text
+    assert "shipped with segtorch" in text and "demo_pspnet_shapes.safetensors" in text
+    assert "segtorch train demo_pspnet_shapes" in text  # how it was trained
+
+
+def test_cli_bug_keeps_its_traceback(monkeypatch, capsys):
+    # a bug in segtorch (not a SegtorchError/OSError) is not turned into a one-line message
+    from segtorch import cli
+
+    def broken(args):
+        raise KeyError("resize")
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["list"])
+    monkeypatch.setattr(cli, "build_parser", lambda: _Fixed(parser, args, broken))
+    with pytest.raises(KeyError):
+        cli.main(["list"])
+
+
+class _Fixed:
+    def __init__(self, parser, args, func):
+        self.parser, self.args, self.func = parser, args, func
+
+    def parse_args(self, argv=None):
+        self.args.func = self.func
+        return self.args
+
+
+def test_cli_user_error_is_one_line(tmp_path):
+    out = segtorch("convert", str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors"), "--name",
+                   "demo_pspnet_shapes")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "missing.pth" in out.stderr

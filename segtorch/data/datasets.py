@@ -22,7 +22,7 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from ..errors import DatasetError  # noqa: F401 - re-exported
+from ..errors import DatasetError, UsageError  # noqa: F401 - DatasetError re-exported
 
 IGNORE_INDEX = -100
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -174,7 +174,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def find_samples(self) -> list[Sample]:
         raise NotImplementedError
 
-    def _pair(self, images: list[Path], label_for) -> list[Sample]:
+    def _with_labels(self, images: list[Path], label_for) -> list[Sample]:
         samples = []
         for image in images:
             label = label_for(image)
@@ -235,7 +235,7 @@ class ADE20K(SegmentationDataset):
         sub = self._folders[self.split]
         images = _require_dir(self.root / "images" / sub, f"{self.title} {self.split} images")
         labels = _require_dir(self.root / "annotations" / sub, f"{self.title} {self.split} annotations")
-        return self._pair(_images_in(images), lambda p: labels / f"{p.stem}.png")
+        return self._with_labels(_images_in(images), lambda p: labels / f"{p.stem}.png")
 
 
 class Cityscapes(SegmentationDataset):
@@ -307,7 +307,7 @@ class VOC(SegmentationDataset):
         if self.split != "trainaug":
             _require_dir(voc_labels, "VOC annotations")
             ids = _read_list(sets / f"{self.split}.txt")
-            return self._pair([images / f"{i}.jpg" for i in ids], lambda p: voc_labels / f"{p.stem}.png")
+            return self._with_labels([images / f"{i}.jpg" for i in ids], lambda p: voc_labels / f"{p.stem}.png")
         aug_labels = self.root / "SegmentationClassAug"
         sbd = self._sbd()
         if (sets / "trainaug.txt").is_file():
@@ -391,7 +391,7 @@ class LIP(SegmentationDataset):
             raise DatasetError(f"{self.root}: missing folder {self.split}_images")
         if labels is None:
             raise DatasetError(f"{self.root}: missing folder {self.split}_segmentations")
-        return self._pair(_images_in(images), lambda p: labels / f"{p.stem}.png")
+        return self._with_labels(_images_in(images), lambda p: labels / f"{p.stem}.png")
 
 
 class PascalContext59(SegmentationDataset):
@@ -407,13 +407,13 @@ class PascalContext59(SegmentationDataset):
     def find_samples(self) -> list[Sample]:
         ids = _read_list(self.root / "ImageSets" / "SegmentationContext" / f"{self.split}.txt")
         images, labels = self.root / "JPEGImages", self.root / "SegmentationClassContext"
-        return self._pair([images / f"{i}.jpg" for i in ids], lambda p: labels / f"{p.stem}.png")
+        return self._with_labels([images / f"{i}.jpg" for i in ids], lambda p: labels / f"{p.stem}.png")
 
-    def _pair(self, images, label_for):
+    def _with_labels(self, images, label_for):
         for image in images:
             if not image.is_file():
                 raise DatasetError(f"{image}: missing image listed in ImageSets/SegmentationContext/{self.split}.txt")
-        return super()._pair(images, label_for)
+        return super()._with_labels(images, label_for)
 
 
 class ImageFolderDataset(SegmentationDataset):
@@ -431,11 +431,11 @@ class ImageFolderDataset(SegmentationDataset):
                  class_names: Sequence[str] | None = None, ignore_index: int = 255, reduce_zero_label: bool = False,
                  mask_suffix: str = ".png"):
         if class_names is None and num_classes is None:
-            raise ValueError("ImageFolderDataset needs num_classes or class_names")
+            raise UsageError("ImageFolderDataset needs num_classes or class_names")
         if class_names is None:
             class_names = [f"class_{i}" for i in range(num_classes)]
         if num_classes is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+            raise UsageError(f"{len(class_names)} class names for {num_classes} classes")
         self.images_dir = self._folder(images, "images")
         self.masks_dir = self._folder(masks, "masks")
         self.ignore_value = ignore_index
@@ -461,7 +461,7 @@ class ImageFolderDataset(SegmentationDataset):
         images = _images_in(self.images_dir)
         if not images:
             raise DatasetError(f"{self.images_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        return self._pair(images, lambda p: self.masks_dir / f"{p.stem}{self.mask_suffix}")
+        return self._with_labels(images, lambda p: self.masks_dir / f"{p.stem}{self.mask_suffix}")
 
     def encode(self, raw: np.ndarray) -> np.ndarray:
         raw = raw.astype(np.int64)
@@ -472,7 +472,7 @@ class ImageFolderDataset(SegmentationDataset):
         bad = ~ignored & ((labels < 0) | (labels >= self.num_classes))
         if bad.any():
             value = int(raw[bad][0])
-            raise ValueError(f"label value {value} is not a class (0..{self.num_classes - 1}"
+            raise ValueError(f"label value {value} is not a class (0..{self.num_classes - 1}"  # read_label names the file
                              f"{', shifted by reduce_zero_label' if self.reduce_zero else ''}) nor the ignore value "
                              f"{self.ignore_value}")
         return np.where(ignored, IGNORE_INDEX, labels)
@@ -503,7 +503,7 @@ class Shapes(SegmentationDataset):
     def find_samples(self) -> list[Sample]:
         images = _require_dir(self.root / self.split / "images", f"{self.split} images")
         masks = _require_dir(self.root / self.split / "masks", f"{self.split} masks")
-        return self._pair(_images_in(images), lambda p: masks / f"{p.stem}.png")
+        return self._with_labels(_images_in(images), lambda p: masks / f"{p.stem}.png")
 
     @classmethod
     def generate(cls, root: str | Path, split: str = "val", count: int = 50) -> Path:
@@ -520,7 +520,7 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
 
 def dataset_class(key: str) -> type[SegmentationDataset]:
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {key!r}; known: {', '.join(sorted(DATASETS))}")
+        raise DatasetError(f"unknown dataset {key!r}; known: {', '.join(sorted(DATASETS))}")
     return DATASETS[key]
 
 

@@ -42,9 +42,6 @@ class ConfusionMatrix:
         # column num_classes: predictions that are not a class
         self.matrix = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64, device=device)
 
-    def reset(self) -> None:
-        self.matrix.zero_()
-
     def update(self, pred, gt) -> None:
         """Add one image (or a batch): ``pred`` and ``gt`` integer arrays/tensors of the same shape."""
         pred = torch.as_tensor(np.asarray(pred) if not isinstance(pred, torch.Tensor) else pred)
@@ -58,9 +55,6 @@ class ConfusionMatrix:
         pred, gt = pred[valid], gt[valid]
         pred = torch.where((pred >= 0) & (pred < c), pred, torch.full_like(pred, c))
         self.matrix += torch.bincount(gt * (c + 1) + pred, minlength=c * (c + 1)).reshape(c, c + 1)
-
-    def merge(self, other: "ConfusionMatrix") -> None:
-        self.matrix += other.matrix.to(self.matrix.device)
 
     def all_reduce(self) -> None:
         """Sum over the processes of a torch.distributed group (no-op when not distributed)."""

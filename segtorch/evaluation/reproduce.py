@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..argtypes import nonnegative_int, positive_int
+
 # torch, numpy and the datasets are imported when a command runs, not when the CLI builds its parser
 
 
@@ -24,14 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                        "demo model, whose evaluation set is generated")
     p.add_argument("--checkpoint", help="weights to evaluate instead of the card's (one model only)")
     p.add_argument("--tta", action="store_true", help="the card's multi-scale + flip settings")
-    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--limit", type=positive_int, help="evaluate the first N images only")
     p.add_argument("--split", help="dataset split (default: the split the card reports on)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="fp32 reproduces the toolbox; bf16/fp16 are faster")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON (and Markdown beside it, .md)")
     p.add_argument("--markdown", metavar="OUT", help="where to write the Markdown table (default: beside --json)")
-    p.add_argument("--workers", type=int, default=2, help="processes reading images ahead (default 2)")
+    p.add_argument("--workers", type=nonnegative_int, default=2, help="processes reading images ahead (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..argtypes import nonnegative_int, positive_float, positive_int
+from ..errors import UsageError
+
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     from ..evaluation.reproduce import add_arguments
@@ -42,27 +45,27 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--masks", help="folder of masks with the images' names, .png, class indices")
     data.add_argument("--val-images", help="folder of validation images")
     data.add_argument("--val-masks", help="folder of validation masks")
-    data.add_argument("--num-classes", type=int, help="classes in your masks (default: the card's)")
+    data.add_argument("--num-classes", type=positive_int, help="classes in your masks (default: the card's)")
     data.add_argument("--class-names", help="comma-separated class names for your masks")
     data.add_argument("--ignore-index", type=int, default=255, help="mask value for unlabelled pixels (255)")
     data.add_argument("--reduce-zero-label", action="store_true", help="mask value 0 is unlabelled, k is class k-1")
-    data.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"), help="training crop (default: card's)")
+    data.add_argument("--crop-size", type=positive_int, nargs=2, metavar=("H", "W"), help="training crop (default: card's)")
     run = s.add_argument_group("schedule (defaults: the card's)")
     run.add_argument("--init", default="pretrained",
                      help="'pretrained' (the card's weights), 'scratch', or a checkpoint file (default pretrained)")
     run.add_argument("--work-dir", default="work_dirs/segtorch", help="checkpoints, logs, model.safetensors")
-    run.add_argument("--iters", type=int, help="optimizer steps (default: the card's epochs)")
-    run.add_argument("--epochs", type=int)
-    run.add_argument("--batch-size", type=int, help="images per process per step (default: card's per-GPU)")
-    run.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
-    run.add_argument("--lr", type=float, help="base learning rate")
+    run.add_argument("--iters", type=positive_int, help="optimizer steps (default: the card's epochs)")
+    run.add_argument("--epochs", type=positive_int)
+    run.add_argument("--batch-size", type=positive_int, help="images per process per step (default: card's per-GPU)")
+    run.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per optimizer step")
+    run.add_argument("--lr", type=positive_float, help="base learning rate")
     run.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none", help="mixed precision (CUDA)")
-    run.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
+    run.add_argument("--workers", type=nonnegative_int, default=4, help="data loading processes per training process")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--log-interval", type=int, default=50)
-    run.add_argument("--save-interval", type=int, default=0, help="iterations between checkpoints (0: per epoch)")
-    run.add_argument("--eval-interval", type=int, default=0, help="iterations between evaluations (0: at the end)")
-    run.add_argument("--eval-limit", type=int, help="evaluate on the first N validation images only")
+    run.add_argument("--log-interval", type=positive_int, default=50)
+    run.add_argument("--save-interval", type=nonnegative_int, default=0, help="iterations between checkpoints (0: per epoch)")
+    run.add_argument("--eval-interval", type=nonnegative_int, default=0, help="iterations between evaluations (0: at the end)")
+    run.add_argument("--eval-limit", type=positive_int, help="evaluate on the first N validation images only")
     run.add_argument("--no-eval", action="store_true", help="no evaluation")
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA)")
     run.add_argument("--find-unused-parameters", action="store_true", help="for DDP when a head leaves some unused")
@@ -76,7 +79,7 @@ def _datasets(args, card, class_names):
     from ..data import ImageFolderDataset, dataset_class
 
     if args.data_root and args.images:
-        raise ValueError("give --data-root (a card dataset) or --images/--masks (your folders), not both")
+        raise UsageError("give --data-root (a card dataset) or --images/--masks (your folders), not both")
     if args.data_root:
         cls = dataset_class(card.dataset)
         train = cls(args.data_root, args.split or card.training.get("train_split", "train"), class_names=class_names)
@@ -84,13 +87,13 @@ def _datasets(args, card, class_names):
                                             class_names=class_names)
         return train, val
     if not (args.images and args.masks):
-        raise ValueError("give --data-root DIR, or --images DIR and --masks DIR")
+        raise UsageError("give --data-root DIR, or --images DIR and --masks DIR")
     folder = dict(class_names=class_names, ignore_index=args.ignore_index, reduce_zero_label=args.reduce_zero_label)
     train = ImageFolderDataset(args.images, args.masks, **folder)
     val = None
     if args.val_images or args.val_masks:
         if not (args.val_images and args.val_masks):
-            raise ValueError("give both --val-images and --val-masks")
+            raise UsageError("give both --val-images and --val-masks")
         if not args.no_eval:
             val = ImageFolderDataset(args.val_images, args.val_masks, **folder)
     return train, val
@@ -141,7 +144,7 @@ def cmd_train(args) -> int:
     if args.class_names:
         class_names = tuple(n.strip() for n in args.class_names.split(","))
         if args.num_classes and len(class_names) != args.num_classes:
-            raise ValueError(f"--class-names lists {len(class_names)} names for --num-classes {args.num_classes}")
+            raise UsageError(f"--class-names lists {len(class_names)} names for --num-classes {args.num_classes}")
         num_classes = len(class_names)
     elif num_classes == card.num_classes:
         class_names = card.class_names
