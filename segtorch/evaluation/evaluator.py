@@ -82,6 +82,12 @@ class EvalResult:
     class_names: Sequence[str]
     reported: float | None = None
     seconds: float | None = None
+    dataset_size: int | None = None  # images in the split; more than num_images when --limit took a subset
+
+    @property
+    def subset(self) -> bool:
+        """True when only part of the split was evaluated: the figure is not comparable with the reported one."""
+        return self.dataset_size is not None and self.num_images < self.dataset_size
 
     @property
     def miou(self) -> float:
@@ -92,19 +98,30 @@ class EvalResult:
         m = self.metrics
         return {"name": self.name, "dataset": self.dataset, "split": self.split, "num_images": self.num_images,
                 "tta": self.tta, "miou": _num(m.miou), "aacc": _num(m.aacc), "macc": _num(m.macc),
-                "iou": {c: _num(v) for c, v in zip(self.class_names, m.iou)}, "reported": self.reported}
+                "iou": {c: _num(v) for c, v in zip(self.class_names, m.iou)}, "reported": self.reported,
+                "subset": self.subset}
 
-    def _delta(self) -> str:
-        if self.reported is None or math.isnan(self.miou):
-            return ""
-        return f" ({self.miou - self.reported:+.2f})"
+    def delta(self) -> float | None:
+        """mIoU minus the reported figure; None where there is nothing comparable (no figure, or a subset)."""
+        if self.reported is None or self.subset or math.isnan(self.miou):
+            return None
+        return self.miou - self.reported
+
+    def _images(self) -> str:
+        if self.subset:
+            return f"first {self.num_images} of {self.dataset_size} images: a subset, not comparable with the reported figure"
+        return f"{self.num_images} images"
 
     def summary(self) -> str:
-        reported = f"{self.reported:.2f}" if self.reported is not None else "-"
         mode = "ms+flip" if self.tta else "single-scale"
-        return (f"{self.name or 'model'} on {self.dataset} {self.split} ({self.num_images} images, {mode}): "
-                f"mIoU {self.miou:.2f} vs reported {reported}{self._delta()}; aAcc {self.metrics.aacc:.2f}, "
-                f"mAcc {self.metrics.macc:.2f}")
+        if self.subset:
+            versus = ""
+        else:
+            delta = self.delta()
+            versus = (f" vs reported {self.reported:.2f}" if self.reported is not None else " vs reported -") + \
+                (f" ({delta:+.2f})" if delta is not None else "")
+        return (f"{self.name or 'model'} on {self.dataset} {self.split} ({self._images()}, {mode}): "
+                f"mIoU {self.miou:.2f}{versus}; aAcc {self.metrics.aacc:.2f}, mAcc {self.metrics.macc:.2f}")
 
     def table(self) -> str:
         """Per-class IoU and accuracy for the console, then the summary line."""
@@ -119,7 +136,7 @@ class EvalResult:
         reported = f"{self.reported:.2f}" if self.reported is not None else "-"
         mode = "ms+flip" if self.tta else "single-scale"
         lines = [f"## {self.name or 'model'}", "",
-                 f"{self.dataset} `{self.split}`, {self.num_images} images, {mode}", "",
+                 f"{self.dataset} `{self.split}`, {self._images()}, {mode}", "",
                  "| mIoU | reported | aAcc | mAcc |", "|---:|---:|---:|---:|",
                  f"| {self.miou:.2f} | {reported} | {self.metrics.aacc:.2f} | {self.metrics.macc:.2f} |", "",
                  "| class | IoU | Acc |", "|---|---:|---:|"]
@@ -168,4 +185,4 @@ def timed_evaluate(predict_fn: PredictFn, dataset, *, name: str | None, dataset_
     metrics, n = evaluate(predict_fn, dataset, len(class_names), **kwargs)
     return EvalResult(name=name, dataset=dataset_key, split=getattr(dataset, "split", "?"), num_images=n, tta=tta,
                       metrics=metrics, class_names=tuple(class_names), reported=reported,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, dataset_size=len(dataset))

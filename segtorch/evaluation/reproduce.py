@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from ..argtypes import nonnegative_int, positive_int
+from ..errors import UsageError
 
 # torch, numpy and the datasets are imported when a command runs, not when the CLI builds its parser
 
@@ -43,16 +44,16 @@ def select_models(patterns: list[str], everything: bool) -> list[str]:
 
     if everything:
         if patterns:
-            raise ValueError("give model names/patterns or --all, not both")
+            raise UsageError("give model names/patterns or --all, not both")
         return list_models()
     if not patterns:
-        raise ValueError("name a model (or a pattern such as 'isnet_*', or --all)")
+        raise UsageError("name a model (or a pattern such as 'isnet_*', or --all)")
     names: list[str] = []
     for item in patterns:
         if any(ch in item for ch in "*?["):
             found = list_models(item)
             if not found:
-                raise ValueError(f"no model matches {item!r}")
+                raise UsageError(f"no model matches {item!r}")
         else:
             found = [resolve_name(item)]  # unknown names raise with suggestions
         names += [n for n in found if n not in names]
@@ -102,12 +103,12 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     names = select_models(args.models, args.all)
     if args.checkpoint and len(names) > 1:
-        raise ValueError(f"--checkpoint applies to one model; {len(names)} selected")
+        raise UsageError(f"--checkpoint applies to one model; {len(names)} selected")
     explicit = len(names) == 1 and not args.all
     cards = [segtorch.model_card(n) for n in names]
     if args.data_root is None:
         if not all(c.dataset == "shapes" for c in cards):
-            raise ValueError("--data-root is required (the dataset's top folder as downloaded)")
+            raise UsageError("--data-root is required (the dataset's top folder as downloaded)")
         from ..data.datasets import Shapes
         from ..hub import home
 
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
         print(f"{'model':<{width}}  {'mIoU':>6}  {'reported':>8}  {'delta':>6}", file=out)
         for r in results:
             rep = f"{r.reported:.2f}" if r.reported is not None else "-"
-            delta = f"{r.miou - r.reported:+.2f}" if r.reported is not None else "-"
+            delta = f"{r.delta():+.2f}" if r.delta() is not None else ("subset" if r.subset else "-")
             print(f"{r.name:<{width}}  {r.miou:6.2f}  {rep:>8}  {delta:>6}", file=out)
     if args.json:
         json_path, md_path = write_results(results, args.json, args.markdown)
