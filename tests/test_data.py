@@ -12,8 +12,8 @@ from PIL import Image
 from segtorch.data import (ADE20K, COCOStuff10k, IGNORE_INDEX, LIP, VOC, Cityscapes, DatasetError, ImageFolderDataset,
                            PascalContext59, TrainingSet, build_dataset, build_transforms, with_crop_size)
 from segtorch.data.transforms import Padding, RandomCrop, RandomFlip, Resize
+from toolbox import toolbox_file
 
-REF = Path("/tmp/ref/ssseg/modules/datasets")
 IGN = IGNORE_INDEX
 
 
@@ -139,8 +139,8 @@ def raw_png(path: Path) -> np.ndarray:
 
 def _ref_mapping(file: str, cls: str) -> dict | None:
     """The toolbox's ``clsid2label`` literal (read, not imported: importing ssseg pulls in its models)."""
-    path = REF / file
-    if not path.is_file():
+    path = toolbox_file(f"modules/datasets/{file}")
+    if path is None:
         return None
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ClassDef) and node.name == cls:
@@ -230,7 +230,7 @@ def test_pascal_context59_shift(tmp_path):
     assert np.array_equal(val[0]["label"], np.where((raw == 0) | (raw == 255), IGN, raw - 1))
     ref = _ref_mapping("voc.py", "PascalContext59Dataset")
     if ref is not None:  # the toolbox: {0: -100, 255: -100} then a loop adding k -> k - 1
-        assert ref == {0: -100, 255: -100} and "clsid2label[i] = i - 1" in (REF / "voc.py").read_text()
+        assert ref == {0: -100, 255: -100} and "clsid2label[i] = i - 1" in toolbox_file("modules/datasets/voc.py").read_text()
 
 
 def test_build_dataset_by_card_key(tmp_path):

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from segtorch.data import ADE20K, IGNORE_INDEX
+from toolbox import require_toolbox_file
+
 from segtorch.evaluation import ConfusionMatrix, EvalResult, evaluate, write_results
 from segtorch.evaluation.reproduce import main as reproduce_main
 from test_data import make_ade20k
 
 ROOT = Path(__file__).resolve().parents[1]
-REF_EVALUATION = Path("/tmp/ref/ssseg/modules/datasets/pipelines/evaluation.py")
 IGN = IGNORE_INDEX
 
 
@@ -70,9 +71,8 @@ def test_streaming_equals_one_shot_and_shapes_must_match():
 
 
 def _toolbox_evaluation():
-    if not REF_EVALUATION.is_file():
-        pytest.skip("the toolbox's evaluation.py (/tmp/ref) is not available")
-    spec = importlib.util.spec_from_file_location("ssseg_evaluation", REF_EVALUATION)
+    path = require_toolbox_file("modules/datasets/pipelines/evaluation.py")
+    spec = importlib.util.spec_from_file_location("ssseg_evaluation", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # needs torch and numpy only
     return module.Evaluation
