@@ -17,20 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..imageops import as_pair, interpolation, normalize, resize_size
 from .datasets import IGNORE_INDEX
 
 Sample = dict
 Transform = Callable[[Sample, np.random.Generator], Sample]
 
-_INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
-                   "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
-
-
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, (int, float)):
-        return int(value), int(value)
-    a, b = value
-    return int(a), int(b)
 
 
 class Resize:
@@ -40,12 +32,12 @@ class Resize:
     def __init__(self, output_size, keep_ratio: bool = True, scale_range: Sequence[float] | None = (0.5, 2.0),
                  min_size: int | None = None, image_interpolation: str = "bilinear",
                  seg_target_interpolation: str = "nearest"):
-        self.output_size = _pair(output_size)
+        self.output_size = as_pair(output_size)
         self.keep_ratio = keep_ratio
         self.scale_range = tuple(scale_range) if scale_range is not None else None
         self.min_size = min_size
-        self.image_interpolation = _INTERPOLATIONS[image_interpolation]
-        self.label_interpolation = _INTERPOLATIONS[seg_target_interpolation]
+        self.image_interpolation = interpolation(image_interpolation)
+        self.label_interpolation = interpolation(seg_target_interpolation)
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         if self.scale_range is not None:
@@ -55,14 +47,8 @@ class Resize:
         else:
             size = self.output_size
         h, w = sample["image"].shape[:2]
-        if self.keep_ratio:
-            factor = min(max(size) / max(h, w), min(size) / min(h, w))
-            dsize = int(w * factor + 0.5), int(h * factor + 0.5)
-            if self.min_size is not None and min(dsize) < self.min_size:
-                factor = self.min_size / min(h, w)
-                dsize = int(w * factor + 0.5), int(h * factor + 0.5)
-        else:  # the long side of output_size goes along the image's long side
-            dsize = (min(size), max(size)) if h > w else (max(size), min(size))
+        new_h, new_w = resize_size(h, w, size, self.keep_ratio, self.min_size)
+        dsize = new_w, new_h
         sample["image"] = cv2.resize(sample["image"], dsize, interpolation=self.image_interpolation)
         sample["label"] = cv2.resize(sample["label"], dsize, interpolation=self.label_interpolation)
         return sample
@@ -73,7 +59,7 @@ class RandomCrop:
     ``one_category_max_ratio`` of its labelled pixels; the last draw is kept either way."""
 
     def __init__(self, crop_size, one_category_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX):
-        self.crop_size = _pair(crop_size)
+        self.crop_size = as_pair(crop_size)
         self.max_ratio = one_category_max_ratio
         self.ignore_index = ignore_index
 
@@ -169,8 +155,8 @@ class RandomRotation:
         self.angle_upper = angle_upper
         self.image_fill = image_fill_value
         self.label_fill = seg_target_fill_value
-        self.image_interpolation = _INTERPOLATIONS[image_interpolation]
-        self.label_interpolation = _INTERPOLATIONS[seg_target_interpolation]
+        self.image_interpolation = interpolation(image_interpolation)
+        self.label_interpolation = interpolation(seg_target_interpolation)
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         if rng.random() > self.prob:
@@ -200,12 +186,10 @@ class Normalize:
     """(image - mean) / std in float32 with the toolbox's rounding; ``mean``/``std`` in RGB order."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], to_rgb: bool = True):
-        self.mean = np.asarray(mean, dtype=np.float64).astype(np.float32)
-        self.inv_std = 1.0 / np.asarray(std, dtype=np.float64)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
-        image = sample["image"].astype(np.float32) - self.mean
-        sample["image"] = (image * self.inv_std).astype(np.float32)
+        sample["image"] = normalize(sample["image"], self.mean, self.std)
         return sample
 
 
@@ -222,7 +206,7 @@ class Padding:
 
     def __init__(self, output_size, data_type: str = "tensor", image_fill_value: float = 0,
                  seg_target_fill_value: float = IGNORE_INDEX, output_size_auto_adaptive: bool = True, **_):
-        self.output_size = _pair(output_size)
+        self.output_size = as_pair(output_size)
         self.image_fill = image_fill_value
         self.label_fill = seg_target_fill_value
         self.auto_adaptive = output_size_auto_adaptive
@@ -285,8 +269,8 @@ def build_transforms(pipeline: Sequence[Mapping]) -> Compose:
 
 def with_crop_size(pipeline: Sequence[Mapping], crop_size) -> list[dict]:
     """The pipeline with another crop size: ``RandomCrop`` and ``Padding`` changed, ``Resize`` scaled alike."""
-    crop = _pair(crop_size)
-    old = next((_pair(s["crop_size"]) for s in pipeline if s["type"] == "RandomCrop"), None)
+    crop = as_pair(crop_size)
+    old = next((as_pair(s["crop_size"]) for s in pipeline if s["type"] == "RandomCrop"), None)
     factor = min(crop) / min(old) if old else 1.0
     out = []
     for step in pipeline:
@@ -296,7 +280,7 @@ def with_crop_size(pipeline: Sequence[Mapping], crop_size) -> list[dict]:
         elif step["type"] == "Padding":
             step["output_size"] = list(crop)
         elif step["type"] == "Resize":
-            step["output_size"] = [max(1, int(round(v * factor))) for v in _pair(step["output_size"])]
+            step["output_size"] = [max(1, int(round(v * factor))) for v in as_pair(step["output_size"])]
         out.append(step)
     return out
 

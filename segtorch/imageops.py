@@ -1,0 +1,56 @@
+"""Image arithmetic shared by the test pipeline (``inference/image.py``) and the training transforms
+(``data/transforms.py``): the toolbox's resize sizes, its OpenCV interpolation names and its Normalize rounding.
+Pure functions on numpy arrays; no I/O."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
+                  "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
+
+
+def as_pair(value) -> tuple[int, int]:
+    """``512`` -> (512, 512); ``[512, 1024]`` -> (512, 1024)."""
+    if isinstance(value, (int, float)):
+        return int(value), int(value)
+    a, b = value
+    return int(a), int(b)
+
+
+def interpolation(name: str) -> int:
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {name!r}; known: {sorted(INTERPOLATIONS)}")
+    return INTERPOLATIONS[name]
+
+
+def resize_size(height: int, width: int, size, keep_ratio: bool = True, min_size: int | None = None
+                ) -> tuple[int, int]:
+    """(h, w) the toolbox's ``Resize`` gives a ``height x width`` image for a target ``size`` (long, short).
+
+    ``keep_ratio``: the largest scale that fits the long side in ``max(size)`` and the short side in
+    ``min(size)``, sizes rounded half up, then ``min_size`` enforced on the short side. Otherwise the image
+    becomes ``size`` laid out like the image (portrait images get the long side as height).
+    """
+    size = as_pair(size)
+    if keep_ratio:
+        scale = min(max(size) / max(height, width), min(size) / min(height, width))
+        new_w, new_h = int(width * scale + 0.5), int(height * scale + 0.5)
+        if min_size is not None and min(new_w, new_h) < min_size:
+            scale = min_size / min(height, width)
+            new_w, new_h = int(width * scale + 0.5), int(height * scale + 0.5)
+        return new_h, new_w
+    if height > width:
+        return max(size), min(size)
+    return min(size), max(size)
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(image - mean) / std as float32 HxWx3 with the toolbox's rounding: its ``cv2.subtract`` of a float64
+    scalar from float32 data works in float32, and ``cv2.multiply`` by the float64 inverse std rounds the double
+    product back to float32. The same arithmetic, bit for bit. ``mean``/``std`` in the image's channel order."""
+    mean32 = np.asarray(mean, dtype=np.float64).astype(np.float32)
+    inv_std = 1.0 / np.asarray(std, dtype=np.float64)
+    return ((image.astype(np.float32) - mean32) * inv_std).astype(np.float32)
