@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import segtorch  # noqa: E402
-from segtorch.hub import sha256_file  # noqa: E402
+from segtorch.files import sha256_file  # noqa: E402
 
 METRIC_NAMES = {"miou": "mIoU", "miou_flip": "mIoU (flip)", "miou_ms_flip": "mIoU (ms+flip)"}
 
