@@ -1,4 +1,4 @@
-"""Tests for segtorch.hub against a loopback HTTP server (nothing here leaves 127.0.0.1)."""
+"""Tests for segtorch.downloads against a loopback HTTP server (nothing here leaves 127.0.0.1)."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +15,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from httpserver import FileServer  # noqa: E402
 
-from segtorch import hub  # noqa: E402
+from segtorch import downloads  # noqa: E402
+from segtorch.files import sha256_file  # noqa: E402
+from segtorch.errors import ChecksumError, DownloadError, OfflineError, UsageError  # noqa: E402
 
 DATA = random.Random(0).randbytes(300 * 1024)
 DATA_SHA = hashlib.sha256(DATA).hexdigest()
@@ -49,7 +51,7 @@ def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setattr(hub, "_BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(downloads, "_BACKOFF_BASE", 0.01)
     return tmp_path / "home" / "checkpoints"
 
 
@@ -60,8 +62,14 @@ def server():
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Files in the cache folder other than lock files."""
-    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) if folder.exists() else []
+    """Every file in the cache folder (lock files exist only while held, so none is expected here)."""
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def kept(url: str, filename: str | None = None) -> list[str]:
+    """The cached file of ``url`` and its sidecar, as ``leftovers`` lists them."""
+    name = downloads.cache_name(url, filename)
+    return [name, name + ".sha256"]
 
 
 # ------------------------------------------------------------------------------------------------- basics
@@ -69,25 +77,25 @@ def leftovers(folder: Path) -> list[str]:
 
 def test_home_and_offline_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("SEGTORCH_HOME", str(tmp_path / "h"))
-    assert hub.home() == tmp_path / "h" and (tmp_path / "h").is_dir()
+    assert downloads.home() == tmp_path / "h" and (tmp_path / "h").is_dir()
     monkeypatch.delenv("SEGTORCH_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert hub.home() == tmp_path / "xdg" / "segtorch"
+    assert downloads.home() == tmp_path / "xdg" / "segtorch"
     for var in ("SEGTORCH_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.delenv("SEGTORCH_OFFLINE", raising=False)
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        assert not hub.is_offline()
+        assert not downloads.is_offline()
         for value in ("1", "true", "YES", "on"):
             monkeypatch.setenv(var, value)
-            assert hub.is_offline()
+            assert downloads.is_offline()
         for value in ("0", "false", "", "off"):
             monkeypatch.setenv(var, value)
-            assert not hub.is_offline()
+            assert not downloads.is_offline()
 
 
 def test_import_is_light():
     # Importing the download layer (and segtorch itself) in a fresh process pulls in none of the heavy packages.
-    code = ("import sys, segtorch.hub; "
+    code = ("import sys, segtorch.downloads; "
             "heavy = {'requests', 'urllib3', 'tqdm', 'filelock', 'huggingface_hub', 'torch'}; "
             "print(sorted(heavy & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -95,115 +103,114 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
-def test_sha256_file(tmp_path):
-    path = tmp_path / "f"
-    path.write_bytes(DATA)
-    assert hub.sha256_file(path) == DATA_SHA
-
-
 def test_download_then_cache_hit_without_network(cache, server):
-    path = hub.download(server.url("/w.pth"), progress=True)
-    assert path == cache / "w.pth" and path.read_bytes() == DATA
-    assert (cache / "w.pth.sha256").read_text().split()[0] == DATA_SHA
-    assert leftovers(cache) == ["w.pth", "w.pth.sha256"]
+    path = downloads.download(server.url("/w.pth"), progress=True)
+    assert path == cache / kept(server.url("/w.pth"))[0] and path.read_bytes() == DATA
+    assert path.name.startswith("w.") and path.suffix == ".pth"  # readable, and keyed by the URL
+    assert path.with_name(path.name + ".sha256").read_text().split()[:2] == [DATA_SHA, path.name]
+    assert leftovers(cache) == kept(server.url("/w.pth"))
     assert len(server.gets("/w.pth")) == 1
 
     # Same with the expected hash given, then with the server gone: both answered from the cache.
-    assert hub.download(server.url("/w.pth"), DATA_SHA) == path
+    assert downloads.download(server.url("/w.pth"), DATA_SHA) == path
     url = server.url("/w.pth")
     server.stop()
-    assert hub.download(url, progress=False) == path
+    assert downloads.download(url, progress=False) == path
     assert len(server.gets("/w.pth")) == 1
 
 
 def test_filename_overrides_url_basename(cache, server):
-    path = hub.download(server.url("/w.pth?x=1"), filename="renamed.pth", progress=False)
-    assert path == cache / "renamed.pth" and path.read_bytes() == DATA
+    path = downloads.download(server.url("/w.pth?x=1"), filename="renamed.pth", progress=False)
+    assert path == cache / kept(server.url("/w.pth?x=1"), "renamed.pth")[0] and path.read_bytes() == DATA
+    assert path.name.startswith("renamed.")
 
 
 # ------------------------------------------------------------------------------------------------- faults
 
 
 def test_resume_after_cut(cache, server):
-    path = hub.download(server.url("/w.pth?cut=100000"), DATA_SHA, progress=False)
+    path = downloads.download(server.url("/w.pth?cut=100000"), DATA_SHA, progress=False)
     assert path.read_bytes() == DATA
     gets = server.gets("/w.pth")
     assert len(gets) == 2
     assert gets[0]["range"] is None and gets[1]["range"] == "bytes=100000-"
-    assert leftovers(cache) == ["w.pth", "w.pth.sha256"]
+    assert leftovers(cache) == kept(server.url("/w.pth?cut=100000"))
 
 
 def test_restart_when_server_ignores_range(cache, server):
     # The server answers the Range request with 200 and the whole file: the .part must be rewritten, not appended.
-    path = hub.download(server.url("/w.pth?cut=100000&norange=1"), progress=False)
+    path = downloads.download(server.url("/w.pth?cut=100000&norange=1"), progress=False)
     assert path.read_bytes() == DATA
     gets = server.gets("/w.pth")
     assert len(gets) == 2 and gets[1]["range"] == "bytes=100000-"
-    assert (cache / "w.pth.sha256").read_text().split()[0] == DATA_SHA
+    assert (cache / kept(server.url("/w.pth?cut=100000&norange=1"))[1]).read_text().split()[0] == DATA_SHA
 
 
 def test_partial_kept_only_when_resumable(cache, server):
     # With a pinned hash the .part survives a failed call and the next call resumes it.
-    with pytest.raises(hub.DownloadError, match="connection cut"):
-        hub.download(server.url("/w.pth?cut=100000"), DATA_SHA, retries=0, progress=False)
-    assert (cache / "w.pth.part").stat().st_size == 100000
-    assert hub.download(server.url("/w.pth?cut=100000"), DATA_SHA, progress=False).read_bytes() == DATA
+    with pytest.raises(DownloadError, match="connection cut"):
+        downloads.download(server.url("/w.pth?cut=100000"), DATA_SHA, retries=0, progress=False)
+    assert (cache / (kept(server.url("/w.pth?cut=100000"))[0] + ".part")).stat().st_size == 100000
+    assert downloads.download(server.url("/w.pth?cut=100000"), DATA_SHA, progress=False).read_bytes() == DATA
     assert [g["range"] for g in server.gets("/w.pth")] == [None, "bytes=100000-"]
     # Without one, a stale prefix could be trusted later, so it is dropped.
-    with pytest.raises(hub.DownloadError):
-        hub.download(server.url("/other.bin?cut=1000"), retries=0, progress=False)
-    assert leftovers(cache) == ["w.pth", "w.pth.sha256"]
+    with pytest.raises(DownloadError):
+        downloads.download(server.url("/other.bin?cut=1000"), retries=0, progress=False)
+    assert leftovers(cache) == kept(server.url("/w.pth?cut=100000"))
 
 
 def test_stale_partial_is_discarded(cache, server):
     cache.mkdir(parents=True)
-    (cache / "w.pth.part").write_bytes(b"x" * 5000)  # left by some older run, wrong bytes
-    assert hub.download(server.url("/w.pth"), DATA_SHA, progress=False).read_bytes() == DATA
+    url = server.url("/w.pth")
+    (cache / (kept(url)[0] + ".part")).write_bytes(b"x" * 5000)  # left by some older run, wrong bytes
+    assert downloads.download(server.url("/w.pth"), DATA_SHA, progress=False).read_bytes() == DATA
     assert [g["range"] for g in server.gets("/w.pth")] == ["bytes=5000-", None]
-    (cache / "big.pth.part").write_bytes(DATA + b"tail")  # longer than the file: the server answers 416
-    path = hub.download(server.url("/w.pth"), DATA_SHA, filename="big.pth", progress=False)
+    (cache / (kept(url, "big.pth")[0] + ".part")).write_bytes(DATA + b"tail")  # longer than the file: the server answers 416
+    path = downloads.download(server.url("/w.pth"), DATA_SHA, filename="big.pth", progress=False)
     assert path.read_bytes() == DATA
     assert [g["range"] for g in server.gets("/w.pth")][2:] == [f"bytes={len(DATA) + 4}-", None]
-    assert leftovers(cache) == ["big.pth", "big.pth.sha256", "w.pth", "w.pth.sha256"]
+    assert leftovers(cache) == sorted(kept(url, "big.pth") + kept(url))
 
 
 def test_checksum_mismatch_leaves_nothing(cache, server):
     url = server.url("/w.pth?corrupt=1")
-    with pytest.raises(hub.ChecksumError) as info:
-        hub.download(url, DATA_SHA, progress=False)
+    with pytest.raises(ChecksumError) as info:
+        downloads.download(url, DATA_SHA, progress=False)
     message = str(info.value)
     assert "\n" not in message and url in message and DATA_SHA in message
     assert leftovers(cache) == []
 
 
 def test_trust_on_first_use_detects_edited_file(cache, server):
-    path = hub.download(server.url("/w.pth"), progress=False)
-    # Edit one byte in place, keeping size and mtime: only the recorded hash can tell.
+    path = downloads.download(server.url("/w.pth"), progress=False)
+    # Edit one byte in place, keeping the size: the mtime moves, so the file is hashed again and found out.
+    # (A cached file whose size and mtime match its sidecar is not re-hashed: that is what keeps a cached
+    # gigabyte model from being read twice per load.)
     stat = path.stat()
     with open(path, "r+b") as f:
         f.seek(1234)
         f.write(bytes([DATA[1234] ^ 1]))
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
 
-    again = hub.download(server.url("/w.pth"), progress=False)
+    again = downloads.download(server.url("/w.pth"), progress=False)
     assert again == path and again.read_bytes() == DATA
     assert len(server.gets("/w.pth", full=True)) == 2
 
 
 def test_truncated_cached_file_is_fetched_again(cache, server):
-    path = hub.download(server.url("/w.pth"), DATA_SHA, progress=False)
+    path = downloads.download(server.url("/w.pth"), DATA_SHA, progress=False)
     path.write_bytes(DATA[:1000])
-    assert hub.download(server.url("/w.pth"), DATA_SHA, progress=False).read_bytes() == DATA
+    assert downloads.download(server.url("/w.pth"), DATA_SHA, progress=False).read_bytes() == DATA
     # Also without an expected hash (the sidecar catches it).
     path.write_bytes(DATA[:1000])
-    assert hub.download(server.url("/w.pth"), progress=False).read_bytes() == DATA
+    assert downloads.download(server.url("/w.pth"), progress=False).read_bytes() == DATA
     assert len(server.gets("/w.pth", full=True)) == 3
 
 
 def test_cached_file_with_other_hash_is_replaced(cache, server):
     # A file already cached under the name but with content that does not match the pinned hash.
-    hub.download(server.url("/other.bin"), filename="w.pth", progress=False)
-    path = hub.download(server.url("/w.pth"), DATA_SHA, progress=False)
+    downloads.download(server.url("/other.bin"), filename="w.pth", progress=False)
+    path = downloads.download(server.url("/w.pth"), DATA_SHA, progress=False)
     assert path.read_bytes() == DATA
 
 
@@ -213,16 +220,16 @@ def test_validate_hook_rejects(cache, server):
             raise ValueError("not a zip archive")
 
     url = server.url("/w.pth")
-    with pytest.raises(hub.DownloadError, match="not a zip archive") as info:
-        hub.download(url, progress=False, validate=not_a_zip)
+    with pytest.raises(DownloadError, match="not a zip archive") as info:
+        downloads.download(url, progress=False, validate=not_a_zip)
     assert url in str(info.value) and "\n" not in str(info.value)
     assert leftovers(cache) == []
 
 
 def test_404_is_one_line_and_not_retried(cache, server):
     url = server.url("/missing.pth")
-    with pytest.raises(hub.DownloadError) as info:
-        hub.download(url, progress=False)
+    with pytest.raises(DownloadError) as info:
+        downloads.download(url, progress=False)
     message = str(info.value)
     assert "\n" not in message and url in message and "404" in message
     assert len(server.gets("/missing.pth")) == 1
@@ -231,7 +238,7 @@ def test_404_is_one_line_and_not_retried(cache, server):
 
 @pytest.mark.parametrize("code", [500, 429])
 def test_retry_on_transient_status(cache, server, code):
-    path = hub.download(server.url(f"/w.pth?error={code}"), DATA_SHA, progress=False)
+    path = downloads.download(server.url(f"/w.pth?error={code}"), DATA_SHA, progress=False)
     assert path.read_bytes() == DATA
     assert len(server.gets("/w.pth")) == 2
 
@@ -239,14 +246,14 @@ def test_retry_on_transient_status(cache, server, code):
 def test_connection_refused_gives_up_with_one_line(cache):
     with FileServer() as srv:
         url = srv.url("/w.pth")  # the port is closed once the server stops
-    with pytest.raises(hub.DownloadError) as info:
-        hub.download(url, retries=1, progress=False)
+    with pytest.raises(DownloadError) as info:
+        downloads.download(url, retries=1, progress=False)
     message = str(info.value)
     assert "\n" not in message and url in message and "refused" in message.lower()
 
 
 def test_slow_server_within_timeout(cache, server):
-    path = hub.download(server.url("/other.bin?slow=0.01"), progress=False, timeout=5)
+    path = downloads.download(server.url("/other.bin?slow=0.01"), progress=False, timeout=5)
     assert path.read_bytes() == OTHER
 
 
@@ -257,7 +264,7 @@ def test_slow_server_within_timeout(cache, server):
                                   ".hidden"])
 def test_unsafe_filenames_refused(cache, server, name):
     with pytest.raises(ValueError):
-        hub.download(server.url("/w.pth"), filename=name, progress=False)
+        downloads.download(server.url("/w.pth"), filename=name, progress=False)
     assert server.requests == []
     assert leftovers(cache.parent.parent) == []  # nothing written next to the cache root either
 
@@ -265,44 +272,44 @@ def test_unsafe_filenames_refused(cache, server, name):
 @pytest.mark.parametrize("path", ["/dir/", "/%2e%2e", "/a%2Fb.pth", "/a%5Cb.pth"])
 def test_unsafe_url_basenames_refused(cache, server, path):
     with pytest.raises(ValueError):
-        hub.download(server.url(path), progress=False)
+        downloads.download(server.url(path), progress=False)
     assert server.requests == []
 
 
 def test_non_http_url_refused(cache):
-    with pytest.raises(hub.DownloadError, match="http"):
-        hub.download("file:///etc/passwd", progress=False)
+    with pytest.raises(DownloadError, match="http"):
+        downloads.download("file:///etc/passwd", progress=False)
 
 
 # ------------------------------------------------------------------------------------------------- offline
 
 
 def test_offline_serves_cache_and_refuses_the_rest(cache, server, monkeypatch):
-    hub.download(server.url("/w.pth"), progress=False)
+    downloads.download(server.url("/w.pth"), progress=False)
     before = len(server.requests)
 
     monkeypatch.setenv("SEGTORCH_OFFLINE", "1")
-    assert hub.download(server.url("/w.pth"), progress=False).read_bytes() == DATA
-    assert hub.download(server.url("/w.pth"), DATA_SHA, progress=False).read_bytes() == DATA
-    with pytest.raises(hub.OfflineError) as info:
-        hub.download(server.url("/other.bin"), progress=False)
+    assert downloads.download(server.url("/w.pth"), progress=False).read_bytes() == DATA
+    assert downloads.download(server.url("/w.pth"), DATA_SHA, progress=False).read_bytes() == DATA
+    with pytest.raises(OfflineError) as info:
+        downloads.download(server.url("/other.bin"), progress=False)
     message = str(info.value)
     assert "offline" in message and "SEGTORCH_OFFLINE" in message and "other.bin" in message
     assert "\n" not in message
 
     monkeypatch.delenv("SEGTORCH_OFFLINE")
     monkeypatch.setenv("HF_HUB_OFFLINE", "true")
-    with pytest.raises(hub.OfflineError, match="HF_HUB_OFFLINE"):
-        hub.download(server.url("/other.bin"), progress=False)
+    with pytest.raises(OfflineError, match="HF_HUB_OFFLINE"):
+        downloads.download(server.url("/other.bin"), progress=False)
     assert len(server.requests) == before
 
 
 def test_offline_damaged_cache_is_not_returned(cache, server, monkeypatch):
-    path = hub.download(server.url("/w.pth"), progress=False)
+    path = downloads.download(server.url("/w.pth"), progress=False)
     path.write_bytes(DATA[:10])
     monkeypatch.setenv("SEGTORCH_OFFLINE", "yes")
-    with pytest.raises(hub.OfflineError):
-        hub.download(server.url("/w.pth"), progress=False)
+    with pytest.raises(OfflineError):
+        downloads.download(server.url("/w.pth"), progress=False)
     assert not path.exists()
 
 
@@ -310,12 +317,13 @@ def test_offline_damaged_cache_is_not_returned(cache, server, monkeypatch):
 
 
 def _fetch_in_child(url: str, barrier, results) -> None:
-    from segtorch import hub as child_hub
+    from segtorch import downloads as child
+    from segtorch.files import sha256_file
 
     try:
         barrier.wait(timeout=30)
-        path = child_hub.download(url, progress=False)
-        results.put((str(path), child_hub.sha256_file(path)))
+        path = child.download(url, progress=False)
+        results.put((str(path), sha256_file(path)))
     except BaseException as exc:  # report instead of leaving the parent waiting
         results.put(("error", repr(exc)))
         raise
@@ -332,10 +340,10 @@ def test_three_processes_download_once(cache, server):
     for proc in procs:
         proc.join(timeout=30)
         assert proc.exitcode == 0
-    assert got == [(str(cache / "w.pth"), DATA_SHA)] * 3
-    assert (cache / "w.pth").read_bytes() == DATA
+    assert got == [(str(cache / kept(url)[0]), DATA_SHA)] * 3
+    assert (cache / kept(url)[0]).read_bytes() == DATA
     assert len(server.gets("/w.pth", full=True)) == 1
-    assert leftovers(cache) == ["w.pth", "w.pth.sha256"]
+    assert leftovers(cache) == kept(url)  # and no lock file
 
 
 # ------------------------------------------------------------------------------------------------- Hugging Face
@@ -353,21 +361,21 @@ def hf_mirror(cache, server, monkeypatch):
 
 
 def test_hf_download_through_mirror_then_offline(hf_mirror, monkeypatch, tmp_path):
-    path = hub.hf_download("org/repo", "w.safetensors", sha256=DATA_SHA)
+    path = downloads.hf_download("org/repo", "w.safetensors", sha256=DATA_SHA)
     assert path.read_bytes() == DATA and str(path).startswith(str(tmp_path / "hf"))
     assert hf_mirror.gets("/org/repo/resolve/main/w.safetensors")
 
     before = len(hf_mirror.requests)
     monkeypatch.setenv("SEGTORCH_OFFLINE", "1")
-    assert hub.hf_download("org/repo", "w.safetensors", revision="main").read_bytes() == DATA
-    with pytest.raises(hub.OfflineError, match="SEGTORCH_OFFLINE"):
-        hub.hf_download("org/repo", "absent.safetensors")
+    assert downloads.hf_download("org/repo", "w.safetensors", revision="main").read_bytes() == DATA
+    with pytest.raises(OfflineError, match="SEGTORCH_OFFLINE"):
+        downloads.hf_download("org/repo", "absent.safetensors")
     assert len(hf_mirror.requests) == before
 
 
 def test_hf_download_errors(hf_mirror):
-    with pytest.raises(hub.DownloadError) as info:
-        hub.hf_download("org/repo", "absent.safetensors")
+    with pytest.raises(DownloadError) as info:
+        downloads.hf_download("org/repo", "absent.safetensors")
     assert "org/repo/absent.safetensors" in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(hub.ChecksumError):
-        hub.hf_download("org/repo", "w.safetensors", sha256="0" * 64)
+    with pytest.raises(ChecksumError):
+        downloads.hf_download("org/repo", "w.safetensors", sha256="0" * 64)
