@@ -485,7 +485,10 @@ def _fetch_once(session, url: str, entry: CachedFile, progress: bool, timeout: f
         raise _Transient(f"timed out after {timeout:g}s") from None
     except requests.exceptions.ConnectionError as exc:
         if _never_connected(exc):  # name resolution failed, connection refused: retrying will not help
-            raise DownloadError(f"cannot download {_display_url(url)}: {_connection_cause(exc)}") from None
+            host = urlsplit(url).hostname
+            what = "cannot resolve" if "NameResolution" in repr(exc) else "cannot connect to"
+            raise DownloadError(f"cannot download {_display_url(url)}: {what} {host} "
+                                f"({_connection_cause(exc).removeprefix('connection failed: ')})") from None
         raise _Transient(_connection_cause(exc)) from None
     except requests.exceptions.RequestException as exc:
         raise DownloadError(f"cannot download {_display_url(url)}: {_one_line(exc)}") from None

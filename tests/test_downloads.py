@@ -8,6 +8,8 @@ import random
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -252,6 +254,70 @@ def test_connection_refused_gives_up_with_one_line(cache):
     assert "\n" not in message and url in message and "refused" in message.lower()
 
 
+def test_unreachable_host_is_not_retried(cache, monkeypatch):
+    # Name resolution failing or a refused connection will not get better in a few seconds: no backoff.
+    monkeypatch.setattr(downloads, "_BACKOFF_BASE", 5.0)
+    real = socket.getaddrinfo
+
+    def no_dns(host, *args, **kwargs):
+        if host == "models.example.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with FileServer() as srv:
+        refused = srv.url("/w.pth")
+    for url in ("http://models.example.invalid/w.pth", refused):
+        start = time.perf_counter()
+        with pytest.raises(DownloadError) as info:
+            downloads.download(url, retries=3, progress=False)
+        assert time.perf_counter() - start < 2, url
+        assert url in str(info.value) and "\n" not in str(info.value)
+        assert downloads.unreachable(url) is not None
+    assert downloads.unreachable(refused.replace("w.pth", "")) is not None
+
+
+def test_same_file_name_under_two_urls(cache, server):
+    server.files["/a/model.pth"], server.files["/b/model.pth"] = DATA, OTHER
+    a = downloads.download(server.url("/a/model.pth"), progress=False)
+    b = downloads.download(server.url("/b/model.pth"), progress=False)
+    assert a != b and a.read_bytes() == DATA and b.read_bytes() == OTHER
+    assert a.name.startswith("model.") and b.name.startswith("model.")
+
+
+def test_cached_file_that_fails_validation_is_fetched_again(cache, server):
+    # A file cached (and its hash recorded) without the check, e.g. by an older segtorch: not trusted any more.
+    def starts_with_data(path: Path) -> None:
+        if path.read_bytes()[:16] != DATA[:16]:
+            raise ValueError("not the file")
+
+    url = server.url("/w.pth")
+    server.files["/w.pth"] = b"<html>a login page</html>"
+    downloads.download(url, progress=False)
+    server.files["/w.pth"] = DATA
+    assert downloads.download(url, progress=False, validate=starts_with_data).read_bytes() == DATA
+    assert len(server.gets("/w.pth")) == 2
+
+
+def test_lock_serialises_and_leaves_nothing(tmp_path):
+    lock = tmp_path / "x.lock"
+    order = []
+
+    def worker(tag):
+        with downloads.cache_lock(lock):
+            order.append((tag, "in"))
+            time.sleep(0.05)
+            order.append((tag, "out"))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [step for _, step in order] == ["in", "out"] * 4  # never two inside at once
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_slow_server_within_timeout(cache, server):
     path = downloads.download(server.url("/other.bin?slow=0.01"), progress=False, timeout=5)
     assert path.read_bytes() == OTHER
@@ -371,6 +437,18 @@ def test_hf_download_through_mirror_then_offline(hf_mirror, monkeypatch, tmp_pat
     with pytest.raises(OfflineError, match="SEGTORCH_OFFLINE"):
         downloads.hf_download("org/repo", "absent.safetensors")
     assert len(hf_mirror.requests) == before
+
+
+def test_hf_unreachable_mirror_fails_fast_and_quietly(cache, monkeypatch, caplog, capfd):
+    pytest.importorskip("huggingface_hub")
+    with FileServer() as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url(""))  # closed once the block ends
+    start = time.perf_counter()
+    with pytest.raises(DownloadError) as info:
+        downloads.hf_download("org/repo", "w.safetensors")
+    assert time.perf_counter() - start < 3
+    assert "org/repo/w.safetensors" in str(info.value) and "\n" not in str(info.value)
+    assert "Retrying" not in caplog.text + "".join(capfd.readouterr())
 
 
 def test_hf_download_errors(hf_mirror):
