@@ -334,17 +334,16 @@ def download(
         return entry.file
 
     offline = offline_var()
-    try:
-        locked = cache_lock(entry.lock)
-        locked.__enter__()
-    except OSError as exc:
-        if offline:
-            raise OfflineError(f"offline mode is on ({offline} is set) and {entry.name} is not usable from the "
-                               f"cache {entry.file.parent} (cannot lock it: {_one_line(exc)}); needed from "
-                               f"{_display_url(url)}") from None
-        raise DownloadError(f"cannot download {_display_url(url)}: cannot lock {entry.lock}: {_one_line(exc)}; "
-                            "point SEGTORCH_HOME at a folder segtorch may write") from exc
-    try:
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(cache_lock(entry.lock))
+        except OSError as exc:
+            if offline:
+                raise OfflineError(f"offline mode is on ({offline} is set) and {entry.name} is not usable from the "
+                                   f"cache {entry.file.parent} (cannot lock it: {_one_line(exc)}); needed from "
+                                   f"{_display_url(url)}") from None
+            raise DownloadError(f"cannot download {_display_url(url)}: cannot lock {entry.lock}: {_one_line(exc)}; "
+                                "point SEGTORCH_HOME at a folder segtorch may write") from exc
         # Another process may have finished it while we waited; a damaged file is removed here.
         if entry.check_locked(expected, validate):
             return entry.file
@@ -354,8 +353,6 @@ def download(
                                "or put the file there")
         _fetch_verified(url, entry, expected, progress, retries, timeout, validate)
         return entry.file
-    finally:
-        locked.__exit__(None, None, None)
 
 
 def forget(url: str, filename: str | None = None) -> None:

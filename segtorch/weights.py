@@ -102,15 +102,17 @@ def fetch_weights(card: ModelCard) -> Path:
     except OfflineError as exc:
         raise OfflineError(f"{card.name}: not in the cache and offline mode is on ({offline_var()}): "
                            + "; ".join(tried + [f"release file: {exc}"])) from None
-    except DownloadError as exc:
-        raise DownloadError(f"{card.name}: cannot get the weights: " + "; ".join(tried + [f"release file: {exc}"])
-                            + f"; {HOW_TO_GET_THROUGH}") from None
+    except DownloadError as exc:  # (ChecksumError stays a ChecksumError)
+        raise type(exc)(f"{card.name}: cannot get the weights: " + "; ".join(tried + [f"release file: {exc}"])
+                        + f"; {HOW_TO_GET_THROUGH}") from None
 
 
 def _download_and_convert(card: ModelCard, url: str, converted: CachedFile) -> Path:
     """Under the model's lock: the release file, downloaded and converted once for all processes."""
-    if converted.check_locked(None, None):  # another process made it while we waited for the lock
+    if converted.check_locked(None, check_format):  # another process made it while we waited for the lock
         return converted.file
+    # segtorch 0.1 kept a .json record beside converted files; the sidecar replaces it
+    converted.file.with_name(converted.name + ".json").unlink(missing_ok=True)
     pth = download(url, sha256=card.sha256, validate=check_format)
     try:
         convert_checkpoint(pth, converted.file, card)
