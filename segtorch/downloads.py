@@ -428,7 +428,7 @@ def _fetch(url: str, entry: CachedFile, progress: bool | None, retries: int, tim
     if progress is None:
         progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
     session = requests.Session()
-    session.headers.update({"User-Agent": "segtorch-hub", "Accept-Encoding": "identity"})
+    session.headers.update({"User-Agent": "segtorch", "Accept-Encoding": "identity"})
     state: dict = {}  # validators (ETag/Last-Modified) of the first response, for If-Range on resume
     failures = 0
     try:

@@ -167,7 +167,8 @@ def test_stale_partial_is_discarded(cache, server):
     (cache / (kept(url)[0] + ".part")).write_bytes(b"x" * 5000)  # left by some older run, wrong bytes
     assert downloads.download(server.url("/w.pth"), DATA_SHA, progress=False).read_bytes() == DATA
     assert [g["range"] for g in server.gets("/w.pth")] == ["bytes=5000-", None]
-    (cache / (kept(url, "big.pth")[0] + ".part")).write_bytes(DATA + b"tail")  # longer than the file: the server answers 416
+    # longer than the file: the server answers 416
+    (cache / (kept(url, "big.pth")[0] + ".part")).write_bytes(DATA + b"tail")
     path = downloads.download(server.url("/w.pth"), DATA_SHA, filename="big.pth", progress=False)
     assert path.read_bytes() == DATA
     assert [g["range"] for g in server.gets("/w.pth")][2:] == [f"bytes={len(DATA) + 4}-", None]
