@@ -237,9 +237,13 @@ class CachedFile:
             return None
         return st.st_size, st.st_mtime_ns
 
-    def record(self, digest: str) -> None:
-        """Write the sidecar for the file as it is now (the caller has just hashed it)."""
-        size, mtime_ns = self._stat()
+    def record(self, digest: str, hashed: tuple[int, int] | None = None) -> None:
+        """Write the sidecar for the file as it is now (the caller has just hashed it). ``hashed``: the file's
+        (size, mtime_ns) before it was hashed; when it has moved since, nothing is recorded."""
+        now = self._stat()
+        if now is None or (hashed is not None and hashed != now):
+            return
+        size, mtime_ns = now
         atomic_write(self.sidecar, f"{digest}  {self.name}\n# size={size} mtime_ns={mtime_ns}\n", encoding="ascii")
 
     def recorded_sha256(self) -> str | None:
@@ -259,7 +263,7 @@ class CachedFile:
         if digest != want:
             return False
         with contextlib.suppress(OSError):  # a read-only cache still serves
-            self.record(digest)
+            self.record(digest, hashed=now)
         return True
 
     def check_locked(self, expected: str | None, validate: Callable[[Path], None] | None) -> bool:
