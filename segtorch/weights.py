@@ -13,6 +13,7 @@ Layers: this module uses ``downloads`` (bytes) and ``checkpoint`` (conversion) b
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -91,20 +92,24 @@ def fetch_weights(card: ModelCard) -> Path:
     url = release_url(card)
     if not url:
         raise DownloadError(f"{card.name}: no weights available: " + "; ".join(tried))
-    try:
-        with cache_lock(converted.lock):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(cache_lock(converted.lock))
+        except OSError as exc:  # a read-only or missing cache folder
+            offline = offline_var()
+            if offline:
+                raise OfflineError(f"{card.name}: not in the cache {converted.file.parent} and offline mode is on "
+                                   f"({offline})") from None
+            raise UsageError(f"{card.name}: cannot write the cache folder {converted.file.parent} "
+                             f"({exc.strerror or exc}); point SEGTORCH_HOME at a folder segtorch may write") from None
+        try:
             return _download_and_convert(card, url, converted)
-    except OSError as exc:
-        if not converted.lock.parent.is_dir() or not os.access(converted.lock.parent, os.W_OK):
-            raise UsageError(f"{card.name}: cannot write the cache folder {converted.lock.parent} ({exc.strerror}); "
-                             "point SEGTORCH_HOME at a folder segtorch may write") from None
-        raise
-    except OfflineError as exc:
-        raise OfflineError(f"{card.name}: not in the cache and offline mode is on ({offline_var()}): "
-                           + "; ".join(tried + [f"release file: {exc}"])) from None
-    except DownloadError as exc:  # (ChecksumError stays a ChecksumError)
-        raise type(exc)(f"{card.name}: cannot get the weights: " + "; ".join(tried + [f"release file: {exc}"])
-                        + f"; {HOW_TO_GET_THROUGH}") from None
+        except OfflineError as exc:
+            raise OfflineError(f"{card.name}: not in the cache and offline mode is on ({offline_var()}): "
+                               + "; ".join(tried + [f"release file: {exc}"])) from None
+        except DownloadError as exc:  # (ChecksumError stays a ChecksumError)
+            raise type(exc)(f"{card.name}: cannot get the weights: " + "; ".join(tried + [f"release file: {exc}"])
+                            + f"; {HOW_TO_GET_THROUGH}") from None
 
 
 def _download_and_convert(card: ModelCard, url: str, converted: CachedFile) -> Path:
