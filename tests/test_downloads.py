@@ -95,6 +95,16 @@ def test_home_and_offline_flags(tmp_path, monkeypatch):
             assert not downloads.is_offline()
 
 
+def test_home_that_is_a_file_is_named(tmp_path, monkeypatch, server):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("SEGTORCH_HOME", str(tmp_path / "file"))
+    with pytest.raises(UsageError) as info:
+        downloads.download(server.url("/w.pth"), progress=False)
+    message = str(info.value)
+    assert "SEGTORCH_HOME" in message and str(tmp_path / "file") in message and "\n" not in message
+    assert server.requests == []
+
+
 def test_import_is_light():
     # Importing the download layer (and segtorch itself) in a fresh process pulls in none of the heavy packages.
     code = ("import sys, segtorch.downloads; "
