@@ -49,8 +49,9 @@ _CHUNK = 1 << 20
 _BACKOFF_BASE = 0.5
 _BACKOFF_MAX = 8.0
 _RETRY_AFTER_MAX = 30.0
-# Opening a connection fails fast or not at all: a host that does not answer within this is reported unreachable.
-_CONNECT_TIMEOUT = 10.0
+# Opening a connection fails fast or not at all: a host that does not answer within this is reported unreachable
+# (two hosts, the mirror and the release, then fail within 15 s on a network that drops packets).
+_CONNECT_TIMEOUT = 6.0
 # Attempts that made progress (a cut mid-file) do not use up `retries`; this bounds the loop regardless.
 _MAX_ATTEMPTS = 64
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
