@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import segtorch  # noqa: E402
-from segtorch.hub import sha256_file  # noqa: E402
+from segtorch.files import atomic_write, sha256_file  # noqa: E402
 
 METRIC_NAMES = {"miou": "mIoU", "miou_flip": "mIoU (flip)", "miou_ms_flip": "mIoU (ms+flip)"}
 
@@ -71,7 +71,10 @@ labels = seg.predict("image.jpg")            # the card's own test pipeline
 
 def source_file(card, source_dir: Path | None) -> Path:
     if source_dir is None:
-        return segtorch.download(card.url, sha256=card.sha256)
+        from segtorch.checkpoint import check_format
+        from segtorch.weights import release_url
+
+        return segtorch.download(release_url(card), sha256=card.sha256, validate=check_format)
     path = source_dir / Path(urlsplit(card.url).path).name
     if not path.is_file():
         raise FileNotFoundError(f"{card.name}: {path} not found in --source-dir")
@@ -87,8 +90,8 @@ def convert_one(name: str, out: Path, source_dir: Path | None) -> dict:
     sha_pth, sha_st = report.source_sha256, sha256_file(folder / "model.safetensors")
     if card.sha256 and card.sha256 != sha_pth:
         raise ValueError(f"{card.name}: {src} has sha256 {sha_pth}, the card says {card.sha256}")
-    (folder / "config.json").write_text(json.dumps(card.to_dict(), indent=2) + "\n")
-    (folder / "README.md").write_text(model_readme(card, report, sha_pth, sha_st))
+    atomic_write(folder / "config.json", json.dumps(card.to_dict(), indent=2) + "\n")
+    atomic_write(folder / "README.md", model_readme(card, report, sha_pth, sha_st))
     print(f"{card.name}: {folder} (dropped {sum(report.dropped.values())}, renamed {sum(report.renamed.values())})")
     return {"pth": sha_pth, "safetensors": sha_st}
 
@@ -103,10 +106,7 @@ def update_checksums(sums: dict[str, dict]) -> Path:
     data.update(sums)
     text = "# sha256 of each model's GitHub release file (pth) and mirror file (safetensors).\n"
     text += "# Written by conversion/convert_zoo.py --update-checksums.\n\n" + tomli_w.dumps(dict(sorted(data.items())))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, text)
 
 
 def push(folder: Path, repo_id: str) -> None:

@@ -18,7 +18,7 @@ from .registry import ModelCard, list_models, model_card  # noqa: E402  (no torc
 _LAZY = {
     "create_model": "api", "load": "api", "convert": "api",
     "Segmenter": "segmenter",
-    "download": "hub",
+    "download": "downloads",
 }
 
 __all__ = ["__version__", "ModelCard", "list_models", "model_card", "SegtorchError", "UnknownModelError",

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import (CheckpointError, ConversionReport, load_for_model, optional_keys, safetensors_metadata,
-                         sha256_file, write_safetensors)
+from .checkpoint import ConversionReport, convert_checkpoint, load_for_model, meta_model, optional_keys
 from .registry import ModelCard, model_card
 
 if TYPE_CHECKING:
     from .segmenter import Segmenter
+
 
 def create_model(name: str, *, auxiliary: bool = False, device: str | torch.device | None = None) -> torch.nn.Module:
     """The architecture of checkpoint ``name`` with random weights (no download), in eval mode.
@@ -25,14 +25,6 @@ def create_model(name: str, *, auxiliary: bool = False, device: str | torch.devi
     with torch.device(device or "cpu"):
         model = build_segmentor(card.architecture, auxiliary=auxiliary)
     return model.eval()
-
-
-def _meta_model(card: ModelCard, auxiliary: bool) -> torch.nn.Module:
-    """Build on the meta device: no memory and no random initialisation that the weights would overwrite."""
-    from .models.segmentor import build_segmentor
-
-    with torch.device("meta"):
-        return build_segmentor(card.architecture, auxiliary=auxiliary)
 
 
 def _materialise(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -52,11 +44,12 @@ def _resolve_checkpoint(card: ModelCard, checkpoint: str | os.PathLike | None) -
     if checkpoint is not None:
         text = str(checkpoint)
         if text.startswith(("http://", "https://")):
-            from .hub import download
+            from .checkpoint import check_format
+            from .downloads import download
 
-            return download(text)
+            return download(text, validate=check_format)  # a web page or a cut file is discarded, not cached
         return Path(checkpoint).expanduser()
-    from .hub import fetch_weights
+    from .weights import fetch_weights
 
     return fetch_weights(card)
 
@@ -80,7 +73,7 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     device = torch.device(device)
     check_precision(device, precision)
     path = _resolve_checkpoint(card, checkpoint)
-    model = _meta_model(card, auxiliary)
+    model = meta_model(card, auxiliary)
     state, _ = load_for_model(path, model, keep=("auxiliary_decoder.",) if auxiliary else ())
     model = _materialise(model, state).eval()
     fast = fuse_bn if fuse_bn is not None else not auxiliary
@@ -101,13 +94,4 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, name: str, *, auxili
     name) before anything is written; the output is written atomically with metadata (name, source sha256,
     segtorch version, what the conversion renamed and dropped).
     """
-    card = model_card(name)
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    if src.resolve() == dst.resolve():
-        raise CheckpointError(f"{dst}: the destination is the source file; choose another path")
-    model = _meta_model(card, auxiliary)
-    state, report = load_for_model(src, model, keep=("auxiliary_decoder.",) if auxiliary else ())
-    report.source_sha256 = report.source_sha256 or sha256_file(src)
-    write_safetensors(state, dst, safetensors_metadata(card.name, report.source_sha256, report))
-    report.destination = str(dst)
-    return report
+    return convert_checkpoint(src, dst, model_card(name), auxiliary=auxiliary)

@@ -1,4 +1,8 @@
-"""Checkpoint files: read legacy ``.pth`` safely, adapt their keys to segtorch's modules, write safetensors.
+"""Checkpoint files: read legacy ``.pth`` safely, adapt their keys to segtorch's modules, check them against the
+architecture and write safetensors (``convert_checkpoint``).
+
+This layer sits below the weights policy (``segtorch.weights``), which converts release files on arrival, and
+below ``segtorch.api``; it imports the model builders, never the layers above it.
 
 Reading never unpickles code: ``torch.load(weights_only=True)`` only. Published files are dicts with the
 weights under ``model`` (files from elsewhere: ``state_dict`` or bare, sometimes ``module.``-prefixed); see
@@ -10,14 +14,16 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
 
-from .hub import sha256_file  # noqa: F401 - re-exported: checkpoint hashes are a checkpoint concern
-from .errors import CheckpointError  # noqa: F401 - re-exported
+from .errors import CheckpointError, UsageError
+from .files import atomic_path, sha256_file
+
+if TYPE_CHECKING:
+    from .registry import ModelCard
 
 
 # (old prefix, new prefix, why). Applied only when the file has the old keys and the model expects the new.
@@ -66,6 +72,39 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30)
 
 
+def check_format(path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless ``path`` is, by its structure, a whole checkpoint file: a PyTorch zip with its
+    directory, a legacy pickle, or safetensors whose header fits the file. Cheap (reads the head and the zip
+    directory, not the tensors); the ``validate`` hook of downloads."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        import zipfile
+
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path.name}: damaged or truncated checkpoint (incomplete zip archive)")
+        return
+    if head[:1] == b"\x80":
+        return
+    if _is_safetensors(path):
+        length = int.from_bytes(head[:8], "little")
+        try:
+            with open(path, "rb") as f:
+                f.seek(8)
+                header = json.loads(f.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise CheckpointError(f"{path.name}: damaged safetensors file (unreadable header)") from None
+        if 8 + length + end != size:
+            raise CheckpointError(f"{path.name}: damaged or truncated safetensors file ({size} bytes, the header "
+                                  f"describes {8 + length + end})")
+        return
+    raise CheckpointError(f"{path.name}: not a checkpoint (first bytes {head[:8]!r}: neither a PyTorch file nor "
+                          "safetensors)")
+
+
 def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, dict]:
     """Return (flat tensor dict, era, safetensors metadata) from a ``.pth`` or ``.safetensors`` file."""
     path = Path(path)
@@ -102,9 +141,12 @@ def _torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise CheckpointError(f"{path}: refused to load: the file holds Python objects other than tensors "
-                              f"and segtorch never runs code from a checkpoint ({first})") from None
+        # PyTorch's own text advises weights_only=False, i.e. running the file's code: never repeat that.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it refers to {found.group(1)}" if found else "it holds objects other than tensors"
+        raise CheckpointError(f"{path}: refused to load: {what}, and segtorch never runs code from a checkpoint; "
+                              "use a file that holds only tensors (a state dict or .safetensors) from a source "
+                              "you trust") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: damaged or truncated checkpoint ({first})") from None
@@ -185,24 +227,13 @@ def optional_keys(model: torch.nn.Module) -> set[str]:
 
 
 def write_safetensors(state: Mapping[str, torch.Tensor], dst: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
-    """Write atomically: a temporary file in the destination folder, then ``os.replace``."""
+    """Write atomically (``files.atomic_path``)."""
     from safetensors.torch import save_file
 
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().contiguous() for k, v in state.items()}
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a converted model is an ordinary file
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    with atomic_path(dst) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    return Path(dst)
 
 
 def load_for_model(path: str | os.PathLike, model: torch.nn.Module, keep: Iterable[str] = ()
@@ -227,3 +258,33 @@ def safetensors_metadata(name: str, source_sha256: str | None, report: Conversio
     if report is not None:
         meta["conversion"] = json.dumps({"era": report.era, "renamed": report.renamed, "dropped": report.dropped})
     return meta
+
+
+def meta_model(card: "ModelCard", auxiliary: bool = False) -> torch.nn.Module:
+    """The card's architecture on the meta device: no memory and no random initialisation that weights would
+    overwrite; good for checking a file's keys and shapes, and for loading with ``assign=True``."""
+    from .models.segmentor import build_segmentor
+
+    with torch.device("meta"):
+        return build_segmentor(card.architecture, auxiliary=auxiliary)
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, card: "ModelCard", *,
+                       auxiliary: bool = False) -> ConversionReport:
+    """Convert a legacy ``.pth`` (or re-check a ``.safetensors``) for ``card``'s model into safetensors at ``dst``.
+
+    The file is checked against the architecture (missing, unexpected or mis-shaped keys are refused by name)
+    before anything is written; the output is written atomically with metadata (name, source sha256, segtorch
+    version, what the conversion renamed and dropped).
+    """
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if dst.is_dir():
+        raise UsageError(f"{dst} is a folder; give the .safetensors file to write, "
+                         f"e.g. {dst / (card.name + '.safetensors')}")
+    if src.resolve() == dst.resolve():
+        raise CheckpointError(f"{dst}: the destination is the source file; choose another path")
+    state, report = load_for_model(src, meta_model(card, auxiliary), keep=("auxiliary_decoder.",) if auxiliary else ())
+    report.source_sha256 = report.source_sha256 or sha256_file(src)
+    write_safetensors(state, dst, safetensors_metadata(card.name, report.source_sha256, report))
+    report.destination = str(dst)
+    return report

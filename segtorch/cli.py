@@ -92,18 +92,11 @@ def cmd_info(args) -> int:
     print(f"dataset:       {card.dataset_title} [{card.dataset}], {card.num_classes} classes")
     reported = ", ".join(f"{k} {v:.2f}" for k, v in card.reported.items() if v is not None) or "none published"
     print(f"reported:      {reported} ({card.reported_split} split)")
-    if card.weights:
-        from .files import sha256_file
-        from .registry import cards_dir
+    from .weights import describe
 
-        shipped = cards_dir() / card.weights
-        print(f"weights:       shipped with segtorch ({shipped})")
-        print(f"sha256:        {sha256_file(shipped) if shipped.is_file() else 'missing from this installation'}")
-    else:
-        print(f"weights:       {card.url}")
-        if card.hub:
-            print(f"hf mirror:     {card.hub['repo']} / {card.hub['file']}")
-        print(f"sha256:        {card.sha256 or 'unknown (trusted on first use)'}")
+    for label, value in describe(card).items():
+        if value is not None:
+            print(f"{label + ':':<15}{value}")
     resize = card.preprocess["resize"]
     print(f"test resize:   {resize.get('output_size')} keep_ratio={resize.get('keep_ratio')}; "
           f"mean {card.preprocess['mean']} std {card.preprocess['std']} ({card.preprocess['channel_order']})")
@@ -131,7 +124,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .hub import fetch_weights
+    from .weights import fetch_weights
     from .registry import model_card
 
     for name in args.names:

@@ -141,9 +141,13 @@ def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     src = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "payload": _Payload(marker)}, src)
-    with pytest.raises(CheckpointError, match="never runs code"):
+    with pytest.raises(CheckpointError, match="never runs code") as info:
         segtorch.convert(src, tmp_path / "evil.safetensors", name=NAME)
     assert not marker.exists()
+    message = str(info.value)
+    # one line naming the file and what it refers to; never PyTorch's advice to load it with weights_only=False
+    assert "\n" not in message and str(src) in message and "posix.system" in message
+    assert "weights_only" not in message and "Re-running" not in message and "will likely succeed" not in message
     with open(tmp_path / "raw.pth", "wb") as f:  # a bare pickle (pre-zip layout) too
         pickle.dump({"model": _Payload(marker)}, f, protocol=2)
     with pytest.raises(CheckpointError):
@@ -176,8 +180,19 @@ def test_load_without_weights_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("SEGTORCH_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("SEGTORCH_OFFLINE", "1")
-    with pytest.raises(segtorch.hub.OfflineError, match="offline mode is on"):
+    with pytest.raises(segtorch.OfflineError, match="offline mode is on"):
         segtorch.load(NAME)
+
+
+def test_convert_to_a_folder_says_so(tmp_path, toolbox_state):
+    src = save(tmp_path / "m.pth", {"model": toolbox_state})
+    out = tmp_path / "out"
+    out.mkdir()
+    run = subprocess.run([sys.executable, "-m", "segtorch.cli", "convert", str(src), str(out), "--name", NAME],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+    assert str(out) in run.stderr and "is a folder" in run.stderr and ".tmp" not in run.stderr
+    assert list(out.iterdir()) == []
 
 
 def test_cli_convert(tmp_path, toolbox_state):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import segtorch
+from segtorch.files import sha256_file
 from parity import seeded_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def test_dry_run_writes_mirror_folders(tmp_path):
     assert config["name"] == name and config["reported"]["miou"] == 77.93
     readme = (folder / "README.md").read_text()
     assert "| mIoU | 77.93 |" in readme and "@inproceedings{zhao2017pyramid" in readme and "Apache-2.0" in readme
-    assert segtorch.hub.sha256_file(src / Path(card.url).name) in readme
+    assert sha256_file(src / Path(card.url).name) in readme
     seg = segtorch.load(name, checkpoint=folder / "model.safetensors")
     assert not any(k.startswith("auxiliary_decoder") for k in seg.model.state_dict())
 

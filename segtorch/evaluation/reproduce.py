@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
         if not all(c.dataset == "shapes" for c in cards):
             raise UsageError("--data-root is required (the dataset's top folder as downloaded)")
         from ..data.datasets import Shapes
-        from ..hub import home
+        from ..downloads import home
 
         args.data_root = str(Shapes.generate(home() / "data" / "shapes"))  # deterministic: the shipped set
     roots = {}

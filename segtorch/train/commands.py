@@ -114,7 +114,7 @@ def build_model(card, num_classes: int, init: str, log=print):
         log("init: random weights (no pretrained backbone)")
         return model
     if init == "pretrained":
-        from ..hub import fetch_weights
+        from ..weights import fetch_weights
 
         path = fetch_weights(card)
     else:

@@ -1,43 +1,44 @@
-"""Checkpoint downloads: a verified on-disk cache, resumable HTTP fetches, a Hugging Face mirror, offline mode.
+"""Downloads and the on-disk cache: resumable verified HTTP fetches, a Hugging Face wrapper, offline mode.
 
-Cache layout (``home()/"checkpoints"``)::
+This layer moves bytes and knows nothing of models: it sits above ``files`` and below the weights policy
+(``segtorch.weights``), which decides what to fetch.
 
-    <name>          the verified file, only ever put in place with ``os.replace``
-    <name>.sha256   its hash ("<hex>  <name>"), written before the file is moved in
-    <name>.part     an unfinished download (resumed with an HTTP Range request)
-    <name>.lock     a FileLock serialising processes that fetch the same name
+Cache layout (``home()/"checkpoints"``; the weights policy keeps ``home()/"converted"`` the same way)::
 
-Every cached file is re-hashed before it is handed out, so a truncated or edited file is found, removed and
+    <stem>.<url key><ext>          the verified file, only ever put in place with ``os.replace``; the URL key
+                                   (12 hex digits of the URL's sha256) keeps two URLs with one file name apart
+    <...>.sha256                   its hash ("<hex>  <name>", as sha256sum writes it) and a comment line with the
+                                   file's size and mtime at the time it was verified
+    <...>.part                     an unfinished download (resumed with an HTTP Range request)
+    <...>.lock                     exists only while a process holds it (see ``cache_lock``)
+
+A cached file is handed out only when its size and mtime still match its sidecar, or when it hashes to the
+recorded sha256 (then the sidecar is refreshed): a truncated, replaced or edited file is found, removed and
 fetched again instead of being loaded. Without an expected sha256 the first download is trusted and its hash is
-recorded (trust on first use).
+recorded (trust on first use). A file that fails its ``validate`` check is never kept.
 
 Heavy or optional packages (requests, tqdm, filelock, huggingface_hub) are imported inside the functions that
 need them so ``import segtorch`` stays light and offline cache hits never import an HTTP stack.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import random
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import unquote, urlsplit, urlunsplit
-from .errors import OfflineError, DownloadError, ChecksumError  # noqa: F401 - re-exported
 
-__all__ = [
-    "home",
-    "is_offline",
-    "OfflineError",
-    "DownloadError",
-    "ChecksumError",
-    "download",
-    "hf_download",
-    "sha256_file",
-    "fetch_weights",
-]
+from .errors import ChecksumError, DownloadError, OfflineError, UsageError
+from .files import atomic_write, sha256_file
+
+__all__ = ["home", "is_offline", "offline_var", "download", "forget", "hf_download", "CachedFile", "cache_lock",
+           "unreachable"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ _CHUNK = 1 << 20
 _BACKOFF_BASE = 0.5
 _BACKOFF_MAX = 8.0
 _RETRY_AFTER_MAX = 30.0
+# Opening a connection fails fast or not at all: a host that does not answer within this is reported unreachable
+# (two hosts, the mirror and the release, then fail within 15 s on a network that drops packets).
+_CONNECT_TIMEOUT = 6.0
 # Attempts that made progress (a cut mid-file) do not use up `retries`; this bounds the loop regardless.
 _MAX_ATTEMPTS = 64
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -61,15 +65,23 @@ _SUFFIXES = (".part", ".lock", ".sha256", ".tmp")
 def home() -> Path:
     """The cache root: ``$SEGTORCH_HOME``, else ``$XDG_CACHE_HOME/segtorch`` (default ``~/.cache/segtorch``)."""
     root = os.environ.get("SEGTORCH_HOME")
+    var = "SEGTORCH_HOME" if root else "XDG_CACHE_HOME"
     if root:
         path = Path(root).expanduser()
     else:
         path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "segtorch"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"{var}: the cache folder {path} is a file, not a folder; point {var} at a folder "
+                         "segtorch may write (or unset it for ~/.cache/segtorch)") from None
+    except OSError as exc:
+        raise UsageError(f"{var}: cannot use {path} as the cache folder ({_one_line(exc.strerror or exc)}); "
+                         f"point {var} at a folder segtorch may write") from None
     return path
 
 
-def _offline_var() -> str | None:
+def offline_var() -> str | None:
     """The name of the environment variable that turns offline mode on, or None."""
     for var in _OFFLINE_VARS:
         if os.environ.get(var, "").strip().lower() in _TRUTHY:
@@ -79,22 +91,11 @@ def _offline_var() -> str | None:
 
 def is_offline() -> bool:
     """True when ``SEGTORCH_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to 1/true/yes/on."""
-    return _offline_var() is not None
+    return offline_var() is not None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def _check_name(name: str | None, url: str) -> str:
@@ -109,6 +110,23 @@ def _check_name(name: str | None, url: str) -> str:
         raise ValueError(f"refusing cache file name {name!r} (from {_display_url(url)}): "
                          f"it must not start with '.', end in {'/'.join(_SUFFIXES)} or exceed 200 characters")
     return name
+
+
+def _url_key(url: str) -> str:
+    """12 hex digits that tell URLs apart: scheme, host, port, path and query (not the password or fragment)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    canonical = urlunsplit((parts.scheme.lower(), host, parts.path, parts.query, ""))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+
+def cache_name(url: str, filename: str | None = None) -> str:
+    """The cache file name of ``url``: its readable name (``filename`` or the URL's last path segment) with the
+    URL key before the extension, e.g. ``model.3f2a9c1b7d4e.pth``."""
+    name = _check_name(filename if filename is not None else unquote(urlsplit(url).path.rsplit("/", 1)[-1]), url)
+    stem, dot, ext = name.rpartition(".")
+    keyed = f"{stem}.{_url_key(url)}.{ext}" if dot and stem else f"{name}.{_url_key(url)}"
+    return _check_name(keyed, url)
 
 
 def _check_sha256(sha256: str | None) -> str | None:
@@ -145,75 +163,151 @@ def _remove(*paths: Path) -> None:
             pass
 
 
-def _read_sidecar(path: Path) -> str | None:
-    try:
-        text = path.read_text(encoding="ascii").split()
-    except (FileNotFoundError, UnicodeDecodeError):
-        return None
-    try:
-        return _check_sha256(text[0]) if text else None
-    except ValueError:
-        return None
-
-
-def _write_sidecar(path: Path, digest: str, name: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{digest}  {name}\n", encoding="ascii")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# The cache
+# The cache: one integrity scheme (a sha256sum-style sidecar) for every cached file
 
 
-class _Entry:
-    """The paths that belong to one cached name."""
+@contextlib.contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive inter-process lock named by ``path``; the file exists only while someone holds it.
 
-    def __init__(self, folder: Path, name: str) -> None:
-        self.name = name
-        self.file = folder / name
-        self.part = folder / f"{name}.part"
-        self.sidecar = folder / f"{name}.sha256"
-        self.lock = folder / f"{name}.lock"
+    POSIX: ``flock`` on ``path``, then check that ``path`` is still the file we locked (a holder removes it just
+    before releasing, so a waiter that locked a removed file tries again). Elsewhere: ``filelock.FileLock``, which
+    removes its file on Windows. Raises OSError when the folder does not allow the lock file.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        from filelock import FileLock
 
-    def verified(self, expected: str | None) -> bool:
-        """True when the cached file exists and hashes to the expected (or recorded) sha256."""
-        want = expected or _read_sidecar(self.sidecar)
-        if want is None or not self.file.is_file():
+        with FileLock(str(path)):
+            yield
+        return
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)  # the holder before us removed it: lock the new one
+    try:
+        yield
+    finally:
+        _remove(path)  # while still holding it: a waiter on this file sees it gone and starts over
+        os.close(fd)
+
+
+class CachedFile:
+    """A file in the cache and the paths that belong to it (sidecar, partial download, lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = Path(path)
+        self.name = self.file.name
+        self.part = self.file.with_name(f"{self.name}.part")
+        self.sidecar = self.file.with_name(f"{self.name}.sha256")
+        self.lock = self.file.with_name(f"{self.name}.lock")
+
+    def _record(self) -> tuple[str | None, tuple[int, int] | None]:
+        """(sha256, (size, mtime_ns)) from the sidecar; either may be None."""
+        try:
+            lines = self.sidecar.read_text(encoding="ascii").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return None, None
+        try:
+            digest = _check_sha256(lines[0].split()[0]) if lines and lines[0].split() else None
+        except ValueError:
+            return None, None
+        stat = None
+        for line in lines[1:]:
+            fields = dict(f.split("=", 1) for f in line.lstrip("# ").split() if "=" in f)
+            with contextlib.suppress(KeyError, ValueError):
+                stat = (int(fields["size"]), int(fields["mtime_ns"]))
+        return digest, stat
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = self.file.stat()
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def record(self, digest: str, hashed: tuple[int, int] | None = None) -> None:
+        """Write the sidecar for the file as it is now (the caller has just hashed it). ``hashed``: the file's
+        (size, mtime_ns) before it was hashed; when it has moved since, nothing is recorded."""
+        now = self._stat()
+        if now is None or (hashed is not None and hashed != now):
+            return
+        size, mtime_ns = now
+        atomic_write(self.sidecar, f"{digest}  {self.name}\n# size={size} mtime_ns={mtime_ns}\n", encoding="ascii")
+
+    def recorded_sha256(self) -> str | None:
+        return self._record()[0]
+
+    def verified(self, expected: str | None = None) -> bool:
+        """True when the file exists and has the expected (or recorded) sha256; re-hashed only when its size or
+        mtime moved since it was recorded (then the record is refreshed if the content still matches)."""
+        recorded, stat = self._record()
+        want = expected or recorded
+        now = self._stat()
+        if want is None or now is None:
             return False
-        return sha256_file(self.file) == want
+        if recorded == want and stat == now:
+            return True
+        digest = sha256_file(self.file)
+        if digest != want:
+            return False
+        with contextlib.suppress(OSError):  # a read-only cache still serves
+            self.record(digest, hashed=now)
+        return True
 
     def check_locked(self, expected: str | None, validate: Callable[[Path], None] | None) -> bool:
-        """Under the lock: return True if the cached file is good, else remove whatever is there."""
+        """Under the lock: True if the cached file is good, else remove whatever is there."""
         if not self.file.exists():
+            _remove(self.sidecar)
             return False
-        want = expected or _read_sidecar(self.sidecar)
-        digest = sha256_file(self.file)
-        if want is None:
-            # A file without a record (placed by hand, or its sidecar was deleted): adopt it if it passes the
-            # format check, as the first use of this cache entry.
+        want = expected or self.recorded_sha256()
+        good = self.verified(want) if want is not None else True  # no record: adopt it if it validates
+        if good and validate is not None:
             try:
-                if validate is not None:
-                    validate(self.file)
+                validate(self.file)
             except Exception as exc:  # noqa: BLE001 - any validation failure means "not usable"
                 log.warning("segtorch: cached %s fails validation (%s); removing it", self.file, _one_line(exc))
-                _remove(self.file, self.sidecar)
-                return False
-            _write_sidecar(self.sidecar, digest, self.name)
-            return True
-        if digest == want:
-            if _read_sidecar(self.sidecar) != digest:
-                _write_sidecar(self.sidecar, digest, self.name)
-            return True
-        log.warning("segtorch: cached %s is damaged (sha256 %s, expected %s); removing it", self.file, digest, want)
+                good = False
+        if not good:
+            log.warning("segtorch: cached %s is damaged or not the expected file; removing it", self.file)
+            self.discard()
+            return False
+        if want is None:
+            self.record(sha256_file(self.file))
+        return True
+
+    def discard(self) -> None:
         _remove(self.file, self.sidecar)
-        return False
 
 
-def _file_lock(path: Path):
-    from filelock import FileLock
+def _cache_folder(sub: str) -> Path:
+    folder = home() / sub
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the cache folder {folder} ({_one_line(exc.strerror or exc)}); "
+                         "point SEGTORCH_HOME at a folder segtorch may write") from None
+    return folder
 
-    return FileLock(str(path))
+
+def _entry(url: str, filename: str | None) -> CachedFile:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise DownloadError(f"cannot download {_display_url(url)}: only http:// and https:// URLs are supported")
+    name = cache_name(url, filename)
+    return CachedFile(_cache_folder("checkpoints") / name)
 
 
 def download(
@@ -228,49 +322,62 @@ def download(
 ) -> Path:
     """Fetch ``url`` into ``home()/"checkpoints"`` (once) and return the verified local path.
 
+    The cache is keyed by the URL (see ``cache_name``); ``filename`` replaces the readable part of the name.
     ``sha256`` pins the content; without it the first download's hash is recorded and later checked.
-    ``validate(path)`` may raise to reject the content (e.g. not a zip/pickle/safetensors file). ``progress``
-    defaults to "stderr is a terminal". Transient failures (connection errors, timeouts, HTTP 5xx/429) are retried
-    up to ``retries`` times with exponential backoff; a cut mid-file resumes with a Range request.
+    ``validate(path)`` may raise to reject the content (e.g. not a checkpoint): a rejected file is discarded, on
+    arrival or when found in the cache, and fetched again next time. ``progress`` defaults to "stderr is a
+    terminal". Transient failures (a cut connection, timeouts, HTTP 5xx/429) are retried up to ``retries`` times
+    with exponential backoff, a cut mid-file resumes with a Range request; an unreachable host (name resolution
+    failure, connection refused) is reported at once.
     """
-    scheme = urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https"):
-        raise DownloadError(f"cannot download {_display_url(url)}: only http:// and https:// URLs are supported")
-    name = _check_name(filename if filename is not None else unquote(urlsplit(url).path.rsplit("/", 1)[-1]), url)
     expected = _check_sha256(sha256)
-    folder = home() / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    entry = _Entry(folder, name)
+    entry = _entry(url, filename)
 
     # Fast path without the lock: files only appear by os.replace, so an existing one is complete; trust it only
-    # when its hash matches. Anything else is settled under the lock.
-    if entry.verified(expected):
+    # when its hash matches (and it still validates). Anything else is settled under the lock.
+    if entry.verified(expected) and _valid(entry.file, validate):
         return entry.file
 
-    offline = _offline_var()
-    try:
-        lock = _file_lock(entry.lock)
-        lock.acquire()
-    except OSError as exc:
-        if offline:
-            raise OfflineError(f"offline mode is on ({offline} is set) and {name} is not usable from the cache "
-                               f"{folder} (cannot lock it: {_one_line(exc)}); needed from {_display_url(url)}"
-                               ) from None
-        raise DownloadError(f"cannot download {_display_url(url)}: cannot lock {entry.lock}: {_one_line(exc)}") from exc
-    try:
+    offline = offline_var()
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(cache_lock(entry.lock))
+        except OSError as exc:
+            if offline:
+                raise OfflineError(f"offline mode is on ({offline} is set) and {entry.name} is not usable from the "
+                                   f"cache {entry.file.parent} (cannot lock it: {_one_line(exc)}); needed from "
+                                   f"{_display_url(url)}") from None
+            raise DownloadError(f"cannot download {_display_url(url)}: cannot lock {entry.lock}: {_one_line(exc)}; "
+                                "point SEGTORCH_HOME at a folder segtorch may write") from exc
         # Another process may have finished it while we waited; a damaged file is removed here.
         if entry.check_locked(expected, validate):
             return entry.file
         if offline:
-            raise OfflineError(f"offline mode is on ({offline} is set) and {name} is not in the cache {folder}; "
-                               f"unset {offline} to download it from {_display_url(url)}, or put the file there")
+            raise OfflineError(f"offline mode is on ({offline} is set) and {entry.name} is not in the cache "
+                               f"{entry.file.parent}; unset {offline} to download it from {_display_url(url)}, "
+                               "or put the file there")
         _fetch_verified(url, entry, expected, progress, retries, timeout, validate)
         return entry.file
-    finally:
-        lock.release()
 
 
-def _fetch_verified(url: str, entry: _Entry, expected: str | None, progress: bool | None, retries: int,
+def forget(url: str, filename: str | None = None) -> None:
+    """Remove the cached copy of ``url`` (e.g. a file that downloaded fine but turned out unusable)."""
+    entry = _entry(url, filename)
+    with cache_lock(entry.lock):
+        entry.discard()
+
+
+def _valid(path: Path, validate: Callable[[Path], None] | None) -> bool:
+    if validate is None:
+        return True
+    try:
+        validate(path)
+    except Exception:  # noqa: BLE001 - settled (and logged) under the lock
+        return False
+    return True
+
+
+def _fetch_verified(url: str, entry: CachedFile, expected: str | None, progress: bool | None, retries: int,
                     timeout: float, validate: Callable[[Path], None] | None) -> None:
     """Download into the .part file, verify it, record its hash and move it into place (caller holds the lock)."""
     # A .part left by an earlier run can only be resumed safely when the final hash is known in advance; with
@@ -302,10 +409,11 @@ def _fetch_verified(url: str, entry: _Entry, expected: str | None, progress: boo
             validate(entry.part)
         except Exception as exc:  # noqa: BLE001 - the hook decides what is invalid
             _remove(entry.part)
-            raise DownloadError(f"downloaded {_display_url(url)} but it is not a valid file: "
-                                f"{_one_line(exc)}; the download was discarded") from exc
-    _write_sidecar(entry.sidecar, digest, entry.name)
+            raise DownloadError(f"downloaded {_display_url(url)} but it is not usable: {_one_line(exc)}; "
+                                "the download was discarded (check that the URL serves the file itself, "
+                                "not a web page)") from exc
     os.replace(entry.part, entry.file)
+    entry.record(digest)
 
 
 class _Transient(Exception):
@@ -318,14 +426,14 @@ class _Transient(Exception):
         self.retry_after = retry_after
 
 
-def _fetch(url: str, entry: _Entry, progress: bool | None, retries: int, timeout: float) -> None:
+def _fetch(url: str, entry: CachedFile, progress: bool | None, retries: int, timeout: float) -> None:
     """Make ``entry.part`` hold the complete body of ``url``, resuming and retrying as needed."""
     import requests
 
     if progress is None:
         progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
     session = requests.Session()
-    session.headers.update({"User-Agent": "segtorch-hub", "Accept-Encoding": "identity"})
+    session.headers.update({"User-Agent": "segtorch", "Accept-Encoding": "identity"})
     state: dict = {}  # validators (ETag/Last-Modified) of the first response, for If-Range on resume
     failures = 0
     try:
@@ -356,7 +464,7 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
-def _fetch_once(session, url: str, entry: _Entry, progress: bool, timeout: float, state: dict) -> None:
+def _fetch_once(session, url: str, entry: CachedFile, progress: bool, timeout: float, state: dict) -> None:
     """One HTTP request: resume from the .part size, append or restart, and raise _Transient on a cut."""
     import requests
     import urllib3
@@ -368,11 +476,21 @@ def _fetch_once(session, url: str, entry: _Entry, progress: bool, timeout: float
         headers["Range"] = f"bytes={offset}-"
         if state.get("validator"):
             headers["If-Range"] = state["validator"]
+    connect_timeout = min(timeout, _CONNECT_TIMEOUT)
     try:
-        response = session.get(url, headers=headers, stream=True, timeout=(timeout, timeout))
+        response = session.get(url, headers=headers, stream=True, timeout=(connect_timeout, timeout))
+    except requests.exceptions.ConnectTimeout:
+        # A host that does not answer at all is not worth retrying like a busy one (HTTP 503).
+        raise DownloadError(f"cannot download {_display_url(url)}: cannot reach {urlsplit(url).netloc}: no answer "
+                            f"within {connect_timeout:g}s") from None
     except requests.exceptions.Timeout:
         raise _Transient(f"timed out after {timeout:g}s") from None
     except requests.exceptions.ConnectionError as exc:
+        if _never_connected(exc):  # name resolution failed, connection refused: retrying will not help
+            host = urlsplit(url).hostname
+            what = "cannot resolve" if "NameResolution" in repr(exc) else "cannot connect to"
+            raise DownloadError(f"cannot download {_display_url(url)}: {what} {host} "
+                                f"({_connection_cause(exc).removeprefix('connection failed: ')})") from None
         raise _Transient(_connection_cause(exc)) from None
     except requests.exceptions.RequestException as exc:
         raise DownloadError(f"cannot download {_display_url(url)}: {_one_line(exc)}") from None
@@ -465,6 +583,42 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
         return None, None
 
 
+def _never_connected(exc: BaseException) -> bool:
+    """True when a requests ConnectionError failed before any connection was made (not through a proxy)."""
+    import requests
+    import urllib3
+
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return False
+    reason = getattr(exc.args[0] if exc.args else None, "reason", None)
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)  # includes NameResolutionError
+
+
+def unreachable(url: str, timeout: float = _CONNECT_TIMEOUT) -> str | None:
+    """Why ``url``'s host (or the proxy that serves it) cannot be reached: name resolution fails, the connection
+    is refused or not answered within ``timeout``; None when a TCP connection opens. Used before calling
+    libraries that retry such failures for half a minute (huggingface_hub)."""
+    import urllib.request
+
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        proxied = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxied.hostname, proxied.port or 8080
+    if not host:
+        return f"no host in {_display_url(url)}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except socket.gaierror as exc:
+        return f"cannot resolve {host} ({_one_line(exc.strerror or exc)})"
+    except TimeoutError:
+        return f"{host}:{port} did not answer within {timeout:g}s"
+    except OSError as exc:
+        return f"cannot connect to {host}:{port} ({_one_line(exc.strerror or exc)})"
+
+
 def _connection_cause(exc: BaseException) -> str:
     """The innermost readable reason of a requests ConnectionError (e.g. '[Errno 111] Connection refused')."""
     reason = exc.args[0] if exc.args else exc
@@ -506,7 +660,7 @@ def hf_download(repo_id: str, filename: str, revision: str | None = None, sha256
     """
     expected = _check_sha256(sha256)
     where = f"{repo_id}/{filename}" + (f"@{revision}" if revision else "")
-    offline = _offline_var()
+    offline = offline_var()
     try:
         import huggingface_hub
         from huggingface_hub import errors as hf_errors
@@ -516,12 +670,15 @@ def hf_download(repo_id: str, filename: str, revision: str | None = None, sha256
 
     endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
     source = endpoint or "https://huggingface.co"
+    # huggingface_hub retries an unreachable host for ~30 s, printing each try: look first, then use the cache only.
+    cut_off = None if offline else unreachable(source)
+    local_only = offline is not None or cut_off is not None
 
     def fetch(force: bool) -> Path:
         try:
             return Path(huggingface_hub.hf_hub_download(
                 repo_id, filename, revision=revision, endpoint=endpoint, cache_dir=_hf_cache_dir(),
-                local_files_only=offline is not None, force_download=force))
+                local_files_only=local_only, force_download=force))
         except hf_errors.OfflineModeIsEnabled:
             raise OfflineError(f"offline mode is on (HF_HUB_OFFLINE) and {where} is not in the Hugging Face cache"
                                ) from None
@@ -530,6 +687,8 @@ def hf_download(repo_id: str, filename: str, revision: str | None = None, sha256
                 cache_dir = _hf_cache_dir() or huggingface_hub.constants.HF_HUB_CACHE
                 raise OfflineError(f"offline mode is on ({offline} is set) and {where} is not in the Hugging Face "
                                    f"cache {cache_dir}; unset {offline} to download it") from None
+            if cut_off:
+                raise DownloadError(f"cannot download {where} from {source}: {cut_off}") from None
             # Raised when the metadata request failed for a reason huggingface_hub does not classify.
             cause = exc.__cause__ or exc.__context__
             detail = _hf_cause(cause) if cause is not None else "the Hub could not be reached"
@@ -556,95 +715,10 @@ def hf_download(repo_id: str, filename: str, revision: str | None = None, sha256
     if expected is None:
         return path
     digest = sha256_file(path)
-    if digest != expected and offline is None:
+    if digest != expected and not local_only:
         log.warning("segtorch: cached %s has the wrong sha256; downloading it again", where)
         path = fetch(force=True)
         digest = sha256_file(path)
     if digest != expected:
         raise ChecksumError(f"checksum mismatch for {where} from {source}: expected sha256 {expected}, got {digest}")
     return path
-
-
-def _looks_like_checkpoint(path: Path) -> None:
-    """``validate`` hook for GitHub release files: a PyTorch zip or legacy pickle, or a safetensors file."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    is_zip, is_pickle = head[:4] == b"PK\x03\x04", head[:1] == b"\x80"
-    is_safetensors = len(head) == 9 and head[8:9] == b"{"
-    if not (is_zip or is_pickle or is_safetensors):
-        raise DownloadError(f"{path.name}: the server sent something that is not a checkpoint "
-                            f"(first bytes {head[:8]!r})")
-
-
-def fetch_weights(card) -> Path:
-    """The cached safetensors weights of a model card, fetched on first use.
-
-    Order: weights shipped with segtorch (demo models); the Hugging Face mirror's safetensors file; the GitHub
-    release ``.pth``, verified (the card's sha256, or trust on first use) and converted on arrival into
-    ``home()/"converted"/<name>.safetensors``. Offline, only what is cached is used.
-    """
-    if getattr(card, "weights", None):
-        from .registry import cards_dir
-
-        path = cards_dir() / card.weights
-        if not path.is_file():
-            raise FileNotFoundError(f"{card.name}: the shipped weights {path} are missing from this installation")
-        return path
-    errors = []
-    if card.hub:
-        try:
-            return hf_download(card.hub["repo"], card.hub["file"], sha256=card.hub.get("sha256"))
-        except OfflineError as exc:
-            errors.append(str(exc))
-        except DownloadError as exc:
-            errors.append(str(exc))
-            log.info("segtorch: %s; falling back to the GitHub release", exc)
-    if not card.url:
-        raise DownloadError(f"{card.name}: no weights available: " + "; ".join(errors))
-    converted = home() / "converted" / _check_name(card.name + ".safetensors", card.url)
-    if _converted_is_intact(converted):
-        return converted
-    try:
-        pth = download(card.url, sha256=card.sha256, validate=_looks_like_checkpoint)
-    except OfflineError as exc:
-        raise OfflineError(f"{card.name}: not in the cache and offline mode is on ({_offline_var()}); "
-                           f"{'; '.join(errors + [str(exc)])}") from None
-    from .api import convert
-
-    convert(pth, converted, name=card.name)
-    _record_converted(converted)
-    return converted
-
-
-def _converted_record(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-def _record_converted(path: Path) -> None:
-    import json
-
-    st = path.stat()
-    record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
-    tmp = _converted_record(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, _converted_record(path))
-
-
-def _converted_is_intact(path: Path) -> bool:
-    """A converted file is re-hashed only when its size or mtime differs from the record made when it was
-    written, so a cached model loads without reading it twice; a damaged one is removed and made again."""
-    import json
-
-    try:
-        record = json.loads(_converted_record(path).read_text())
-        st = path.stat()
-    except (OSError, ValueError):
-        _remove(path, _converted_record(path))
-        return False
-    if (st.st_size, st.st_mtime_ns) == (record.get("size"), record.get("mtime_ns")):
-        return True
-    if sha256_file(path) == record.get("sha256"):
-        return True
-    log.warning("segtorch: cached %s is damaged; converting it again", path)
-    _remove(path, _converted_record(path))
-    return False
