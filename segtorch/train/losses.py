@@ -50,7 +50,7 @@ def segmentation_loss(preds: Mapping[str, torch.Tensor], labels: torch.Tensor, l
     for key, cfg in losses_cfg.items():
         if key not in preds:
             continue
-        logits = preds[key].float()  # the loss in fp32 under autocast
+        logits = _at_least_fp32(preds[key])
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=align_corners)
         loss = configured_loss(logits, labels, cfg)
@@ -65,7 +65,7 @@ def configured_loss(scores: torch.Tensor, targets: torch.Tensor, cfg: Mapping | 
         return sum((configured_loss(scores, targets, c) for c in cfg), scores.new_zeros(()))
     if cfg.get("type", "CrossEntropyLoss") != "CrossEntropyLoss" or cfg.get("use_sigmoid"):
         raise NotImplementedError(f"loss {cfg.get('type')!r} is not supported by the trainer (CrossEntropyLoss is)")
-    scores = scores.float()
+    scores = _at_least_fp32(scores)
     ignore = cfg.get("ignore_index", -100)
     weight = cfg.get("class_weight")
     weight = scores.new_tensor(weight) if weight is not None else None
@@ -76,3 +76,8 @@ def configured_loss(scores: torch.Tensor, targets: torch.Tensor, cfg: Mapping | 
     else:  # a batch of ignored pixels only: no signal, but keep the graph (DDP expects every gradient)
         loss = scores.sum() * 0.0
     return loss.mean() * cfg.get("scale_factor", 1.0)
+
+
+def _at_least_fp32(scores: torch.Tensor) -> torch.Tensor:
+    """Losses in fp32 under autocast (fp16/bf16 scores); float64 stays float64."""
+    return scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores

@@ -315,8 +315,8 @@ class IDRNet(Segmentor):
                           removed: list[int], momentum: float, ignore_index: int) -> None:
         """Scores (B, K, H, W) at the labels' size; per image and labelled class, in ascending class order."""
         safe = labels.clamp_min(0).masked_fill(labels == ignore_index, 0)
-        loss_intervened = F.cross_entropy(intervened.float(), safe, reduction="none")
-        loss_anchor = F.cross_entropy(anchor.float(), safe, reduction="none")
+        loss_intervened = F.cross_entropy(intervened, safe, reduction="none")
+        loss_anchor = F.cross_entropy(anchor, safe, reduction="none")
         mean, var = self.class_relations_mean, self.class_relations_var
         for b, row in enumerate(removed):
             for clsid in labels[b].unique().tolist():

@@ -1,0 +1,278 @@
+"""One training step equals the toolbox's TRAIN step (issue 15).
+
+For one checkpoint of every family and backbone kind: the toolbox's segmentor (eb1878c1) and segtorch's model
+(``segtorch.load(name, checkpoint=..., auxiliary=True, fuse_bn=False).model``) get the same seeded weights and
+training state (MCIBI's memory with some slots still empty, IDRNet's relations, representations and
+selection counts), the same batch and the same Python/torch seeds; BatchNorm in training mode, dropout off.
+One step: every loss part and the total, every parameter's gradient and every buffer afterwards must agree.
+
+Both sides run in float64. In float32 the step is ill-conditioned with these random weights (train-mode
+BatchNorm over few pixels, IDRNet's attention over class contexts): the toolbox's own gradients move by up to
+2% between one and two CPU threads, so a float32 comparison would test the machine's rounding, not the logic.
+
+Two sources of truth:
+- live (marked ``reference``): the toolbox in this environment, when its training code is eb1878c1's (the
+  sources' sha256 recorded with the fixtures says so); full tensors are compared;
+- recorded (tests/fixtures/training/, written by record_training.py): the toolbox's losses and buffers of the
+  families' own state (memory, relations, representations, counts) in full; for each gradient and each other
+  buffer its norm and its projections on NUM_PROJECTIONS unit random vectors regenerated from seeds. Storing
+  every gradient of ResNet-50 models would take hundreds of MB; a projection check is weaker than a full
+  comparison (an error of relative size e moves a projection by about e * |g| * z / sqrt(n), z ~ N(0, 1)),
+  so it is held at PROJECTION_SIGMAS standard deviations of that: errors of a few 1e-3 or more are caught
+  with near certainty, smaller ones are left to the live test.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import segtorch
+from parity import seeded_input, seeded_state_dict, seeded_tensor, upstream_configs
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "training"
+# (case id, checkpoint, epoch given to the step, slow)
+CASES = [
+    ("pspnet_resnet50os8_ade20k", 1, False),
+    ("upernet_resnet50os8_ade20k", 1, False),
+    ("isnet_resnet50os8_ade20k", 1, False),
+    ("isnet_resnest101os8_ade20k", 1, True),
+    ("mcibi_deeplabv3_resnet50os8_ade20k", 1, False),
+    ("mcibi_deeplabv3_resnet50os8_ade20k", 2, False),
+    ("mcibi_deeplabv3_hrnetv2w48_cityscapes", 2, True),  # HRNet with the MCIBI stem and a strided downsample
+    ("idrnet_fcn_resnet50os8_ade20k", 1, False),
+    ("idrnet_ppm_resnet50os8_ade20k", 1, False),
+    ("idrnet_aspp_resnet50os8_ade20k", 1, False),
+    ("idrnet_upernet_resnet50os8_ade20k", 1, False),
+]
+BATCH, SIZE = 2, 64
+DTYPE = torch.float64
+LEARNING_RATE = 0.007
+SEED = 20240615
+NUM_PROJECTIONS = 4
+PROJECTION_SIGMAS = 4.0
+LOSS_TOLERANCE, GRAD_TOLERANCE, BUFFER_TOLERANCE = 1e-4, 1e-3, 1e-4
+# the families' own training state: compared in full, also against the fixtures
+FAMILY_STATE = ("memory_module.memory", "class_relations_mean", "class_relations_var", "dl_cls_representations",
+                "selected_classes_counter")
+# the toolbox files whose TRAIN behaviour is recorded (their sha256 decides whether the live test can run)
+TOOLBOX_SOURCES = ("modules/models/segmentors/base/base.py", "modules/models/segmentors/mcibi/mcibi.py",
+                   "modules/models/segmentors/mcibi/memory.py", "modules/models/segmentors/idrnet/idrnet.py",
+                   "modules/models/segmentors/isnet/isnet.py", "modules/models/losses/crossentropyloss.py",
+                   "modules/models/losses/functions.py")
+
+
+def case_id(name: str, epoch: int) -> str:
+    return f"{name}@epoch{epoch}"
+
+
+def _params():
+    return [pytest.param(n, e, id=case_id(n, e), marks=[pytest.mark.slow] if slow else []) for n, e, slow in CASES]
+
+
+# ---- the shared inputs --------------------------------------------------------------------------------------
+def batch(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded images and labels: blocks of a few classes, an unlabelled block (-100) and one single-pixel
+    class (IDRNet's variance update needs two pixels or more)."""
+    num_classes = upstream_configs()[name]["segmentor_cfg"]["num_classes"]
+    images = seeded_input((BATCH, 3, SIZE, SIZE), "training images")
+    g = torch.Generator().manual_seed(SEED)
+    classes = torch.randperm(num_classes, generator=g)[:6]
+    blocks = classes[torch.randint(0, 5, (BATCH, SIZE // 16, SIZE // 16), generator=g)]
+    labels = blocks.repeat_interleave(16, dim=1).repeat_interleave(16, dim=2).clone()
+    labels[0, :16, :16] = -100
+    labels[1, 40, 40] = classes[5]
+    return images, labels
+
+
+def training_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Seeded weights, with training state that exercises every branch: MCIBI memory slots of even classes
+    empty (first use), positive IDRNet selection counts."""
+    state = seeded_state_dict(state)
+    for key in state:
+        if key.endswith("memory_module.memory"):
+            state[key][0::2] = 0
+        if key.endswith("selected_classes_counter"):
+            state[key] = seeded_tensor(key + "|positive", state[key].shape).abs() * 4 + 1e-6
+    return state
+
+
+def _no_dropout(model: nn.Module) -> nn.Module:
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    return model
+
+
+# ---- the two sides ---------------------------------------------------------------------------------------
+def reference_step(name: str, epoch: int) -> dict:
+    """The toolbox's step: {"parts": {name: float}, "total": float, "grads": {..}, "buffers": {..},
+    "initial": the state before the step (toolbox layout)}."""
+    from ssseg.modules import BuildSegmentor
+    from ssseg.modules.utils import SSSegInputStructure
+
+    cfg = copy.deepcopy(upstream_configs()[name]["segmentor_cfg"])
+    cfg["backbone"]["pretrained"] = False
+    if cfg.get("norm_cfg", {}).get("type") == "SyncBatchNorm":
+        cfg["norm_cfg"] = {**cfg["norm_cfg"], "type": "BatchNorm2d"}
+    torch.manual_seed(0)
+    model = BuildSegmentor(cfg, mode="TRAIN")
+    initial = training_state(model.state_dict())
+    model.load_state_dict(initial)
+    _no_dropout(model.to(DTYPE))
+    images, labels = batch(name)
+    images = images.to(DTYPE)
+    kwargs = {"learning_rate": LEARNING_RATE, "epoch": epoch} if cfg["type"] in ("MCIBI", "MCIBIPlusPlus") else {}
+    random.seed(SEED)
+    torch.manual_seed(SEED)
+    out = model(SSSegInputStructure(mode="TRAIN", images=images, seg_targets=labels), **kwargs)
+    loss, log = out.loss, dict(out.losses_log_dict)
+    loss.backward()
+    total = log.pop("loss_total")
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    buffers = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in grads}
+    return {"parts": log, "total": total, "loss": loss.item(), "grads": grads, "buffers": buffers,
+            "initial": initial}
+
+
+def segtorch_step(name: str, epoch: int, initial: dict[str, torch.Tensor], tmp_path) -> dict:
+    """segtorch's step from the toolbox's initial state (converted as a user would)."""
+    from segtorch.registry import model_card
+    from segtorch.train import training_losses
+
+    src = tmp_path / "toolbox.pth"
+    torch.save({"model": initial}, src)
+    dst = tmp_path / f"{name}.safetensors"
+    segtorch.convert(src, dst, name=name, auxiliary=True)
+    model = segtorch.load(name, checkpoint=dst, auxiliary=True, fuse_bn=False).model
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():  # training state that no checkpoint holds (IDRNet's selection counts)
+        for key in ("selected_classes_counter",):
+            if key in buffers and key in initial:
+                buffers[key].copy_(initial[key])
+    _no_dropout(model.to(DTYPE))
+    images, labels = batch(name)
+    images = images.to(DTYPE)
+    random.seed(SEED)
+    torch.manual_seed(SEED)
+    total, parts = training_losses(model, images, labels, card=model_card(name), learning_rate=LEARNING_RATE,
+                                   epoch=epoch)
+    total.backward()
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state.update({k: v.detach().clone() for k, v in model.named_buffers()})
+    return {"parts": {k: v.item() for k, v in parts.items()}, "total": total.item(), "grads": grads,
+            "buffers": {k: v for k, v in state.items() if k not in grads}}
+
+
+# ---- compact records -------------------------------------------------------------------------------------
+def projections(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """[norm, <t, r_1>, ..., <t, r_k>] with unit random vectors r_i regenerated from ``name``."""
+    flat = tensor.detach().double().flatten()
+    out = [flat.norm()]
+    for i in range(NUM_PROJECTIONS):
+        r = seeded_input((flat.numel(),), f"projection|{name}|{i}").double()
+        out.append(flat @ (r / r.norm()))
+    return torch.stack(out)
+
+
+def is_family_state(key: str) -> bool:
+    return key.endswith(FAMILY_STATE)
+
+
+def toolbox_sources_sha256() -> str | None:
+    try:
+        import ssseg
+    except ImportError:
+        return None
+    root = Path(ssseg.__file__).parent
+    h = hashlib.sha256()
+    for rel in TOOLBOX_SOURCES:
+        path = root / rel
+        if not path.is_file():
+            return None
+        h.update(rel.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if b.norm() > 0 else a.norm().item()
+
+
+def _check_losses(ours: dict, parts: dict[str, float], total: float) -> None:
+    assert sorted(ours["parts"]) == sorted(parts)
+    for key, value in parts.items():
+        assert abs(ours["parts"][key] - value) <= LOSS_TOLERANCE * abs(value), (key, ours["parts"][key], value)
+    assert abs(ours["total"] - total) <= LOSS_TOLERANCE * abs(total), (ours["total"], total)
+
+
+# ---- recorded ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,epoch", _params())
+def test_training_step_recorded(name, epoch, tmp_path):
+    from safetensors import safe_open
+
+    fixture = FIXTURES / f"{case_id(name, epoch)}.safetensors"
+    if not fixture.exists():
+        pytest.fail(f"no recorded toolbox step for {case_id(name, epoch)}: run tests/fixtures/training/"
+                    f"record_training.py")
+    with safe_open(str(fixture), framework="pt") as f:
+        meta = f.metadata()
+        recorded = {k: f.get_tensor(k) for k in f.keys()}
+    layout = json.loads(meta["initial_state"])
+    initial = training_state({k: torch.zeros(s, dtype=getattr(torch, d)) for k, (s, d) in layout.items()})
+    ours = segtorch_step(name, epoch, initial, tmp_path)
+    _check_losses(ours, json.loads(meta["parts"]), float(meta["total"]))
+
+    grads = {k[len("grad/"):]: v for k, v in recorded.items() if k.startswith("grad/")}
+    assert sorted(ours["grads"]) == sorted(grads), "parameters with a gradient differ from the toolbox's"
+    for key, ref in grads.items():
+        _check_projection(key, projections(key, ours["grads"][key]), ref, ours["grads"][key].numel(), GRAD_TOLERANCE)
+    for key, ref in recorded.items():
+        if key.startswith("buffer/"):
+            key = key[len("buffer/"):]
+            assert _relative(ours["buffers"][key], ref) <= BUFFER_TOLERANCE, key
+        elif key.startswith("bufproj/"):
+            key = key[len("bufproj/"):]
+            t = ours["buffers"][key]
+            _check_projection(key, projections(key, t), ref, t.numel(), BUFFER_TOLERANCE)
+
+
+def _check_projection(key: str, ours: torch.Tensor, ref: torch.Tensor, n: int, tolerance: float) -> None:
+    norm = ref[0].item()
+    assert abs(ours[0].item() - norm) <= tolerance * norm + 1e-30, f"{key}: norm {ours[0].item()} vs {norm}"
+    spread = PROJECTION_SIGMAS * tolerance * norm / math.sqrt(n)
+    assert (ours[1:] - ref[1:]).abs().max().item() <= spread + 1e-30, f"{key}: projections {ours[1:]} vs {ref[1:]}"
+
+
+# ---- live --------------------------------------------------------------------------------------------------
+def _recorded_sources() -> str | None:
+    path = FIXTURES / "toolbox_sources.sha256"
+    return path.read_text().strip() if path.exists() else None
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("name,epoch", _params())
+def test_training_step_live(name, epoch, tmp_path):
+    current = toolbox_sources_sha256()
+    if current is None or current != _recorded_sources():
+        pytest.skip("the importable toolbox's training code is not eb1878c1's (or it is not installed)")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    ref = reference_step(name, epoch)
+    ours = segtorch_step(name, epoch, ref["initial"], tmp_path)
+    _check_losses(ours, ref["parts"], ref["total"])
+    assert abs(ref["loss"] - ref["total"]) <= LOSS_TOLERANCE * abs(ref["total"])
+    assert sorted(ours["grads"]) == sorted(ref["grads"]), "parameters with a gradient differ from the toolbox's"
+    for key, g in ref["grads"].items():
+        assert _relative(ours["grads"][key], g) <= GRAD_TOLERANCE, (key, _relative(ours["grads"][key], g))
+    for key, b in ref["buffers"].items():
+        assert key in ours["buffers"], key
+        assert _relative(ours["buffers"][key], b) <= BUFFER_TOLERANCE, (key, _relative(ours["buffers"][key], b))
