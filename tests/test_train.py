@@ -338,3 +338,38 @@ def test_train_command_bad_input(tmp_path):
     args = parser.parse_args(["train", "pspnet_resnet50os8_voc", "--data-root", str(tmp_path)])
     with pytest.raises(DatasetError, match=r"does not hold PASCAL VOC 2012 \(expected JPEGImages/"):
         args.func(args)
+
+
+# ---- fine-tuning MCIBI / IDRNet with other classes ------------------------------------------------------
+@pytest.mark.parametrize("name", ["mcibi_deeplabv3_resnet50os8_ade20k", "idrnet_fcn_resnet50os8_ade20k"])
+def test_fine_tuning_with_other_classes_starts_the_training_state_afresh(name, tmp_path):
+    """A published model's memory / class relations / representations are per class: with another number of
+    classes they start as in a fresh toolbox model (and the log says so); the rest is loaded."""
+    import segtorch
+    from segtorch.models.segmentor import build_segmentor
+    from segtorch.train.commands import build_model
+
+    card = segtorch.model_card(name)
+    torch.manual_seed(0)
+    source = build_segmentor(card.architecture, auxiliary=True)
+    state = source.state_dict()
+    for key in ("memory_module.memory", "class_relations_mean", "class_relations_var", "dl_cls_representations"):
+        if key in state:
+            state[key] = torch.randn(state[key].shape)  # trained statistics
+    path = tmp_path / "published.pth"
+    torch.save({"model": state}, path)
+    del source
+    lines: list[str] = []
+    model = build_model(card, 5, str(path), log=lines.append)
+    fresh = {"memory_module.memory": torch.zeros(5, 1, 512), "class_relations_mean": torch.eye(5),
+             "class_relations_var": torch.eye(5), "dl_cls_representations": torch.zeros(5, 512)}
+    mine = {**model.state_dict(), **dict(model.named_buffers())}
+    checked = [k for k in fresh if k in mine]
+    assert checked
+    for key in checked:
+        assert torch.equal(mine[key], fresh[key]), key
+    assert torch.equal(mine["bottleneck.0.weight"], state["bottleneck.0.weight"])  # the rest is the checkpoint's
+    note = next(line for line in lines if "re-initialised as the toolbox initialises a fresh model" in line)
+    assert all(k in note for k in checked)
+    if "idrnet" in name:
+        assert torch.equal(model.selected_classes_counter, torch.full((5,), 1e-6)) and "selected_classes_counter" in note

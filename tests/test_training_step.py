@@ -276,3 +276,197 @@ def test_training_step_live(name, epoch, tmp_path):
     for key, b in ref["buffers"].items():
         assert key in ours["buffers"], key
         assert _relative(ours["buffers"][key], b) <= BUFFER_TOLERANCE, (key, _relative(ours["buffers"][key], b))
+
+
+# ---- several processes ---------------------------------------------------------------------------------------
+DDP_CASES = [("mcibi_deeplabv3_resnet50os8_ade20k", 2), ("idrnet_upernet_resnet50os8_ade20k", 1)]
+
+
+def _family_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {k: v for k, v in model.state_dict().items()}
+    state.update(dict(model.named_buffers()))
+    return {k: v.detach().clone() for k, v in state.items() if is_family_state(k)}
+
+
+def _half_step(name: str, epoch: int, checkpoint: Path, counter, rank: int) -> tuple[dict, dict]:
+    """Image ``rank`` of the batch through ``training_losses``, seeded per process as the trainer seeds."""
+    from segtorch.registry import model_card
+    from segtorch.train import training_losses
+
+    model = segtorch.load(name, checkpoint=checkpoint, auxiliary=True, fuse_bn=False).model
+    if counter is not None:
+        with torch.no_grad():
+            model.selected_classes_counter.copy_(counter)
+    _no_dropout(model.to(DTYPE))
+    images, labels = batch(name)
+    random.seed(SEED + rank)
+    torch.manual_seed(SEED + rank)
+    total, parts = training_losses(model, images[rank:rank + 1].to(DTYPE), labels[rank:rank + 1],
+                                   card=model_card(name), learning_rate=LEARNING_RATE, epoch=epoch)
+    total.backward()
+    return _family_state(model), {k: v.item() for k, v in parts.items()}
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, name: str, epoch: int, checkpoint: str, counter, out: str):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        state, parts = _half_step(name, epoch, Path(checkpoint), counter, rank)
+        torch.save({"state": state, "parts": parts}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,epoch", [pytest.param(n, e, id=case_id(n, e)) for n, e in DDP_CASES])
+def test_distributed_state_is_the_average_of_the_processes_updates(name, epoch, tmp_path):
+    """Two processes (gloo), one image each: afterwards both hold the average of what each process's update
+    alone gives (the toolbox divides by the world size and sums over processes), while each process's losses
+    (MCIBI's memory loss included) are those of its own, not yet averaged, update."""
+    import torch.multiprocessing as mp
+
+    initial = training_state(_toolbox_layout(name))
+    src, checkpoint = tmp_path / "toolbox.pth", tmp_path / f"{name}.safetensors"
+    torch.save({"model": initial}, src)
+    segtorch.convert(src, checkpoint, name=name, auxiliary=True)
+    counter = initial.get("selected_classes_counter")
+    alone = [_half_step(name, epoch, checkpoint, counter, rank) for rank in range(2)]
+    out = tmp_path / "state"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), name, epoch, str(checkpoint), counter, str(out)),
+             nprocs=2, join=True)
+    results = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    expected = {k: (alone[0][0][k] / 2 + alone[1][0][k] / 2) for k in alone[0][0]}
+    assert expected, "no family state found"
+    for rank, result in enumerate(results):
+        for key, value in expected.items():
+            assert _relative(result["state"][key], value) <= 1e-12, (rank, key)
+            assert _relative(alone[rank][0][key], value) > 1e-6, f"{key}: the processes' updates do not differ"
+        assert result["parts"].keys() == alone[rank][1].keys()
+        for key, value in alone[rank][1].items():
+            assert abs(result["parts"][key] - value) <= 1e-12 * abs(value), (rank, key)
+
+
+def _toolbox_layout(name: str) -> dict[str, torch.Tensor]:
+    """The toolbox's state-dict layout of ``name`` (zeros), from the recorded fixture."""
+    from safetensors import safe_open
+
+    cases = [f for f in FIXTURES.glob(f"{name}@*.safetensors")]
+    if not cases:
+        pytest.fail(f"no recorded toolbox step for {name}: run tests/fixtures/training/record_training.py")
+    with safe_open(str(cases[0]), framework="pt") as f:
+        layout = json.loads(f.metadata()["initial_state"])
+    return {k: torch.zeros(s, dtype=getattr(torch, d)) for k, (s, d) in layout.items()}
+
+
+# ---- schedule ----------------------------------------------------------------------------------------------
+# plain SGD; SGD with min_lr; a backbone lr multiplier (ViT-L); AdamW with no-decay rules and warm-up (Swin-L)
+SCHEDULE_CASES = ["pspnet_resnet50os8_ade20k", "isnet_resnest101os8_ade20k", "mcibi_deeplabv3_vitlarge_ade20k",
+                  "idrnet_upernet_swinlarge_ade20k"]
+SCHEDULE_EPOCHS, SCHEDULE_ITERS_PER_EPOCH = 200, 100  # 20000 iterations
+SCHEDULE_AT = [0, 1, 2, 5, 100, 1499, 1500, 1501, 10000, 19999]
+SCHEDULES_FIXTURE = FIXTURES / "schedules.json"
+
+
+def reference_schedule(name: str) -> dict:
+    """The toolbox's optimizer and scheduler builders for ``name``: the scheduled rate at SCHEDULE_AT, and each
+    trainable parameter's (lr / scheduled rate, weight decay) at the first iteration."""
+    from ssseg.modules import BuildOptimizer, BuildScheduler, BuildSegmentor
+
+    cfg = copy.deepcopy(upstream_configs()[name]["segmentor_cfg"])
+    cfg["backbone"]["pretrained"] = False
+    if cfg.get("norm_cfg", {}).get("type") == "SyncBatchNorm":
+        cfg["norm_cfg"] = {**cfg["norm_cfg"], "type": "BatchNorm2d"}
+    model = BuildSegmentor(cfg, mode="TRAIN")
+    optimizer = BuildOptimizer(model, cfg["scheduler"]["optimizer"])
+    scheduler_cfg = copy.deepcopy(cfg["scheduler"])
+    scheduler_cfg.update(lr=cfg["scheduler"]["optimizer"]["lr"], iters_per_epoch=SCHEDULE_ITERS_PER_EPOCH,
+                         params_rules=cfg["scheduler"]["optimizer"]["params_rules"], max_epochs=SCHEDULE_EPOCHS)
+    scheduler = BuildScheduler(optimizer=optimizer, scheduler_cfg=scheduler_cfg)
+    lrs = {}
+    for it in SCHEDULE_AT:
+        scheduler.cur_iter = it
+        lrs[str(it)] = scheduler.updatelr()
+    scheduler.cur_iter = 0
+    first = scheduler.updatelr()
+    names = {id(p): k for k, p in model.named_parameters()}
+    default_wd = optimizer.defaults.get("weight_decay", 0.0)
+    groups = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                groups[names[id(p)]] = [group["lr"] / first, group.get("weight_decay", default_wd)]
+    return {"lrs": lrs, "groups": groups}
+
+
+def segtorch_schedule(name: str) -> dict:
+    from segtorch.models.segmentor import build_segmentor
+    from segtorch.registry import model_card
+    from segtorch.train import TrainConfig, build_optimizer
+    from segtorch.train.optim import PolySchedule
+
+    card = model_card(name)
+    config = TrainConfig.from_card(card)
+    with torch.device("meta"):
+        model = build_segmentor(card.architecture, auxiliary=True)
+    optimizer = build_optimizer(model, config.optimizer)
+    schedule = PolySchedule.from_config(config.scheduler, config.optimizer["lr"],
+                                        SCHEDULE_EPOCHS * SCHEDULE_ITERS_PER_EPOCH)
+    lrs = {str(it): schedule.lr_at(it) for it in SCHEDULE_AT}
+    first = schedule.apply(optimizer, 0)
+    names = {id(p): k for k, p in model.named_parameters()}
+    default_wd = optimizer.defaults.get("weight_decay", 0.0)
+    groups = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            groups[names[id(p)]] = [group["lr"] / first, group.get("weight_decay", default_wd)]
+    return {"lrs": lrs, "groups": groups, "clip": config.clip_grad}
+
+
+def _check_schedule(ours: dict, ref: dict) -> None:
+    for it, lr in ref["lrs"].items():
+        assert ours["lrs"][it] == pytest.approx(lr, rel=1e-12, abs=1e-20), f"iteration {it}"
+    assert sorted(ours["groups"]) == sorted(ref["groups"]), "the trainable parameters differ"
+    for key, (lr_mult, wd) in ref["groups"].items():
+        assert ours["groups"][key] == pytest.approx([lr_mult, wd], rel=1e-12, abs=1e-20), key
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if "large" in n else []) for n in
+                                  SCHEDULE_CASES])
+def test_schedule_recorded(name):
+    recorded = json.loads(SCHEDULES_FIXTURE.read_text())
+    ours = segtorch_schedule(name)
+    _check_schedule(ours, recorded[name])
+    assert ours["clip"] == recorded[name]["clip"]
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SCHEDULE_CASES)
+def test_schedule_live(name):
+    if toolbox_sources_sha256() is None:
+        pytest.skip("the toolbox is not importable")
+    _check_schedule(segtorch_schedule(name), reference_schedule(name))
+
+
+def test_clipping_follows_the_toolbox_groups():
+    """The toolbox clips each of its parameter groups: everything together without params_rules, every
+    parameter on its own with them (one group per parameter)."""
+    from segtorch.train import clip_gradients
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 10
+             for i, p in enumerate(model.parameters())]
+    for rules in ({}, {"0": {"lr_multiplier": 0.1}}):
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        clip_gradients(model, {"params_rules": rules}, {"max_norm": 1.0, "norm_type": 2})
+        clipped = [p.grad for p in model.parameters()]
+        if rules:
+            for c, g in zip(clipped, grads):
+                assert c.norm().item() == pytest.approx(min(1.0, g.norm().item()), rel=1e-5)
+        else:
+            total = torch.cat([g.flatten() for g in grads]).norm()
+            for c, g in zip(clipped, grads):
+                torch.testing.assert_close(c, g / total, rtol=1e-5, atol=0)
