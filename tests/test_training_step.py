@@ -15,11 +15,12 @@ Two sources of truth:
   sources' sha256 recorded with the fixtures says so); full tensors are compared;
 - recorded (tests/fixtures/training/, written by record_training.py): the toolbox's losses and buffers of the
   families' own state (memory, relations, representations, counts) in full; for each gradient and each other
-  buffer its norm and its projections on NUM_PROJECTIONS unit random vectors regenerated from seeds. Storing
+  buffer its norm and NUM_PROJECTIONS random projections regenerated from seeds (``projections``). Storing
   every gradient of ResNet-50 models would take hundreds of MB; a projection check is weaker than a full
-  comparison (an error of relative size e moves a projection by about e * |g| * z / sqrt(n), z ~ N(0, 1)),
-  so it is held at PROJECTION_SIGMAS standard deviations of that: errors of a few 1e-3 or more are caught
-  with near certainty, smaller ones are left to the live test.
+  comparison: an error of relative size e moves a projection by about e * |g| * z / sqrt(n) (z of unit
+  variance), and the check allows PROJECTION_SIGMAS * 1e-3 * |g| / sqrt(n). One parameter's gradient wrong by
+  1e-2 (relative) escapes all four projections with probability ~8%, by 4e-2 with ~0.2%; smaller errors are
+  left to the live test, which compares full tensors.
 """
 from __future__ import annotations
 
@@ -175,12 +176,19 @@ def segtorch_step(name: str, epoch: int, initial: dict[str, torch.Tensor], tmp_p
 
 # ---- compact records -------------------------------------------------------------------------------------
 def projections(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """[norm, <t, r_1>, ..., <t, r_k>] with unit random vectors r_i regenerated from ``name``."""
+    """[norm, p_1, ..., p_k]: ``p_i = u_i^T T v_i / sqrt(n)`` with the tensor laid out (zero-padded) as an
+    a x b matrix T and Gaussian u_i, v_i regenerated from ``name``. Like a projection on a random unit vector
+    (an error E moves it by about |E| / sqrt(n)), at the cost of a + b random numbers instead of n."""
     flat = tensor.detach().double().flatten()
+    n = flat.numel()
+    a = math.isqrt(max(n - 1, 0)) + 1
+    b = -(-n // a)
+    matrix = torch.cat([flat, flat.new_zeros(a * b - n)]).reshape(a, b)
     out = [flat.norm()]
     for i in range(NUM_PROJECTIONS):
-        r = seeded_input((flat.numel(),), f"projection|{name}|{i}").double()
-        out.append(flat @ (r / r.norm()))
+        u = seeded_input((a,), f"projection|{name}|{i}|rows").double()
+        v = seeded_input((b,), f"projection|{name}|{i}|columns").double()
+        out.append(u @ matrix @ v / math.sqrt(n))
     return torch.stack(out)
 
 
@@ -289,7 +297,8 @@ def _family_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _half_step(name: str, epoch: int, checkpoint: Path, counter, rank: int) -> tuple[dict, dict]:
-    """Image ``rank`` of the batch through ``training_losses``, seeded per process as the trainer seeds."""
+    """Process ``rank``'s batch through ``training_losses`` (the batch, mirrored for rank 1), seeded per process
+    as the trainer seeds."""
     from segtorch.registry import model_card
     from segtorch.train import training_losses
 
@@ -299,9 +308,11 @@ def _half_step(name: str, epoch: int, checkpoint: Path, counter, rank: int) -> t
             model.selected_classes_counter.copy_(counter)
     _no_dropout(model.to(DTYPE))
     images, labels = batch(name)
+    if rank == 1:
+        images, labels = images.flip(-1), labels.flip(-1)
     random.seed(SEED + rank)
     torch.manual_seed(SEED + rank)
-    total, parts = training_losses(model, images[rank:rank + 1].to(DTYPE), labels[rank:rank + 1],
+    total, parts = training_losses(model, images.to(DTYPE), labels,
                                    card=model_card(name), learning_rate=LEARNING_RATE, epoch=epoch)
     total.backward()
     return _family_state(model), {k: v.item() for k, v in parts.items()}
@@ -322,7 +333,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, name: str, epoch: int, ch
 @pytest.mark.slow
 @pytest.mark.parametrize("name,epoch", [pytest.param(n, e, id=case_id(n, e)) for n, e in DDP_CASES])
 def test_distributed_state_is_the_average_of_the_processes_updates(name, epoch, tmp_path):
-    """Two processes (gloo), one image each: afterwards both hold the average of what each process's update
+    """Two processes (gloo), each its own batch: afterwards both hold the average of what each process's update
     alone gives (the toolbox divides by the world size and sums over processes), while each process's losses
     (MCIBI's memory loss included) are those of its own, not yet averaged, update."""
     import torch.multiprocessing as mp
