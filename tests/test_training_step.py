@@ -60,6 +60,10 @@ SEED = 20240615
 NUM_PROJECTIONS = 4
 PROJECTION_SIGMAS = 4.0
 LOSS_TOLERANCE, GRAD_TOLERANCE, BUFFER_TOLERANCE = 1e-4, 1e-3, 1e-4
+# gradients are compared relative to max(|g|, GRAD_FLOOR * |all gradients|): some are zero in exact arithmetic
+# (a bias before train-mode BatchNorm, e.g. ResNeSt's split-attention fc1) and hold only round-off, 1e-21 of the
+# whole; the smallest real ones are ~1e-6 of it
+GRAD_FLOOR = 1e-9
 # the families' own training state: compared in full, also against the fixtures
 FAMILY_STATE = ("memory_module.memory", "class_relations_mean", "class_relations_var", "dl_cls_representations",
                 "selected_classes_counter")
@@ -242,8 +246,10 @@ def test_training_step_recorded(name, epoch, tmp_path):
 
     grads = {k[len("grad/"):]: v for k, v in recorded.items() if k.startswith("grad/")}
     assert sorted(ours["grads"]) == sorted(grads), "parameters with a gradient differ from the toolbox's"
+    floor = GRAD_FLOOR * math.sqrt(sum(ref[0].item() ** 2 for ref in grads.values()))
     for key, ref in grads.items():
-        _check_projection(key, projections(key, ours["grads"][key]), ref, ours["grads"][key].numel(), GRAD_TOLERANCE)
+        _check_projection(key, projections(key, ours["grads"][key]), ref, ours["grads"][key].numel(), GRAD_TOLERANCE,
+                          floor)
     for key, ref in recorded.items():
         if key.startswith("buffer/"):
             key = key[len("buffer/"):]
@@ -254,9 +260,10 @@ def test_training_step_recorded(name, epoch, tmp_path):
             _check_projection(key, projections(key, t), ref, t.numel(), BUFFER_TOLERANCE)
 
 
-def _check_projection(key: str, ours: torch.Tensor, ref: torch.Tensor, n: int, tolerance: float) -> None:
-    norm = ref[0].item()
-    assert abs(ours[0].item() - norm) <= tolerance * norm + 1e-30, f"{key}: norm {ours[0].item()} vs {norm}"
+def _check_projection(key: str, ours: torch.Tensor, ref: torch.Tensor, n: int, tolerance: float,
+                      floor: float = 0.0) -> None:
+    norm = max(ref[0].item(), floor)
+    assert abs(ours[0].item() - ref[0].item()) <= tolerance * norm + 1e-30, f"{key}: norm {ours[0].item()} vs {ref[0]}"
     spread = PROJECTION_SIGMAS * tolerance * norm / math.sqrt(n)
     assert (ours[1:] - ref[1:]).abs().max().item() <= spread + 1e-30, f"{key}: projections {ours[1:]} vs {ref[1:]}"
 
@@ -279,8 +286,10 @@ def test_training_step_live(name, epoch, tmp_path):
     _check_losses(ours, ref["parts"], ref["total"])
     assert abs(ref["loss"] - ref["total"]) <= LOSS_TOLERANCE * abs(ref["total"])
     assert sorted(ours["grads"]) == sorted(ref["grads"]), "parameters with a gradient differ from the toolbox's"
+    floor = GRAD_FLOOR * math.sqrt(sum(g.double().norm().item() ** 2 for g in ref["grads"].values()))
     for key, g in ref["grads"].items():
-        assert _relative(ours["grads"][key], g) <= GRAD_TOLERANCE, (key, _relative(ours["grads"][key], g))
+        error = (ours["grads"][key].double() - g.double()).norm().item()
+        assert error <= GRAD_TOLERANCE * max(g.double().norm().item(), floor), (key, error, g.norm().item())
     for key, b in ref["buffers"].items():
         assert key in ours["buffers"], key
         assert _relative(ours["buffers"][key], b) <= BUFFER_TOLERANCE, (key, _relative(ours["buffers"][key], b))
