@@ -220,8 +220,7 @@ class MCIBI(Segmentor):
         return self._stages(feats)[2]
 
     def decode_train(self, feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Stage-1/2 scores. The memory update (``memory_module.update`` with the upsampled bottleneck features
-        and the labels) and the memory loss (``memory_logits``) are left to the trainer."""
+        """Stage-1/2 scores, without the memory update and memory loss (``train_forward`` does those)."""
         _, preds_stage1, preds_stage2 = self._stages(feats)
         return {"loss_cls_stage1": preds_stage1, "loss_cls_stage2": preds_stage2}
 
