@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,6 @@ from segtorch.data import DatasetError, ImageFolderDataset, TrainingSet, build_t
 from segtorch.train import PolySchedule, TrainConfig, Trainer, build_optimizer, param_groups, segmentation_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-REF_SCHEDULERS = Path("/tmp/ref/ssseg/modules/models/schedulers")
 COLOURS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]])
 NORMALIZE = {"type": "Normalize", "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
 PIPELINE = [{"type": "Resize", "output_size": [64, 32], "keep_ratio": True, "scale_range": [0.75, 1.5]},
@@ -126,12 +123,9 @@ def test_param_groups_follow_the_rules():
 
 
 def _toolbox_poly():
-    if not (REF_SCHEDULERS / "polyscheduler.py").is_file():
-        pytest.skip("the toolbox's schedulers (/tmp/ref) are not available")
-    package = types.ModuleType("ref_schedulers")
-    package.__path__ = [str(REF_SCHEDULERS)]
-    sys.modules["ref_schedulers"] = package  # load two files without importing the toolbox's package
-    return importlib.import_module("ref_schedulers.polyscheduler").PolyScheduler
+    toolbox = pytest.importorskip("ssseg.modules.models.schedulers.polyscheduler",
+                                  reason="the toolbox (ssseg) is not importable")
+    return toolbox.PolyScheduler
 
 
 @pytest.mark.reference
