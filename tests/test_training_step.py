@@ -275,6 +275,7 @@ def _recorded_sources() -> str | None:
 
 
 @pytest.mark.reference
+@pytest.mark.slow
 @pytest.mark.parametrize("name,epoch", _params())
 def test_training_step_live(name, epoch, tmp_path):
     current = toolbox_sources_sha256()
