@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,6 @@ from segtorch.data import DatasetError, ImageFolderDataset, TrainingSet, build_t
 from segtorch.train import PolySchedule, TrainConfig, Trainer, build_optimizer, param_groups, segmentation_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-REF_SCHEDULERS = Path("/tmp/ref/ssseg/modules/models/schedulers")
 COLOURS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]])
 NORMALIZE = {"type": "Normalize", "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
 PIPELINE = [{"type": "Resize", "output_size": [64, 32], "keep_ratio": True, "scale_range": [0.75, 1.5]},
@@ -126,12 +123,9 @@ def test_param_groups_follow_the_rules():
 
 
 def _toolbox_poly():
-    if not (REF_SCHEDULERS / "polyscheduler.py").is_file():
-        pytest.skip("the toolbox's schedulers (/tmp/ref) are not available")
-    package = types.ModuleType("ref_schedulers")
-    package.__path__ = [str(REF_SCHEDULERS)]
-    sys.modules["ref_schedulers"] = package  # load two files without importing the toolbox's package
-    return importlib.import_module("ref_schedulers.polyscheduler").PolyScheduler
+    toolbox = pytest.importorskip("ssseg.modules.models.schedulers.polyscheduler",
+                                  reason="the toolbox (ssseg) is not importable")
+    return toolbox.PolyScheduler
 
 
 @pytest.mark.reference
@@ -338,3 +332,38 @@ def test_train_command_bad_input(tmp_path):
     args = parser.parse_args(["train", "pspnet_resnet50os8_voc", "--data-root", str(tmp_path)])
     with pytest.raises(DatasetError, match=r"does not hold PASCAL VOC 2012 \(expected JPEGImages/"):
         args.func(args)
+
+
+# ---- fine-tuning MCIBI / IDRNet with other classes ------------------------------------------------------
+@pytest.mark.parametrize("name", ["mcibi_deeplabv3_resnet50os8_ade20k", "idrnet_fcn_resnet50os8_ade20k"])
+def test_fine_tuning_with_other_classes_starts_the_training_state_afresh(name, tmp_path):
+    """A published model's memory / class relations / representations are per class: with another number of
+    classes they start as in a fresh toolbox model (and the log says so); the rest is loaded."""
+    import segtorch
+    from segtorch.models.segmentor import build_segmentor
+    from segtorch.train.commands import build_model
+
+    card = segtorch.model_card(name)
+    torch.manual_seed(0)
+    source = build_segmentor(card.architecture, auxiliary=True)
+    state = source.state_dict()
+    for key in ("memory_module.memory", "class_relations_mean", "class_relations_var", "dl_cls_representations"):
+        if key in state:
+            state[key] = torch.randn(state[key].shape)  # trained statistics
+    path = tmp_path / "published.pth"
+    torch.save({"model": state}, path)
+    del source
+    lines: list[str] = []
+    model = build_model(card, 5, str(path), log=lines.append)
+    mine = {**model.state_dict(), **dict(model.named_buffers())}
+    fresh = {"memory_module.memory": torch.zeros, "class_relations_mean": lambda *shape: torch.eye(5),
+             "class_relations_var": lambda *shape: torch.eye(5), "dl_cls_representations": torch.zeros}
+    checked = [k for k in fresh if k in mine]
+    assert checked
+    for key in checked:
+        assert mine[key].shape[0] == 5 and torch.equal(mine[key], fresh[key](*mine[key].shape)), key
+    assert torch.equal(mine["bottleneck.0.weight"], state["bottleneck.0.weight"])  # the rest is the checkpoint's
+    note = next(line for line in lines if "re-initialised as the toolbox initialises a fresh model" in line)
+    assert all(k in note for k in checked)
+    if "idrnet" in name:
+        assert torch.equal(model.selected_classes_counter, torch.full((5,), 1e-6)) and "selected_classes_counter" in note

@@ -78,15 +78,26 @@ class Segmentor(nn.Module):
         head's own resolution. Families with extra supervised outputs override ``decode_train``."""
         feats = self.features(x)
         preds = self.decode_train(feats)
-        aux = getattr(self, "auxiliary_decoder", None)
-        if aux is not None:
-            inputs = feats[:-1]
-            if isinstance(aux, nn.ModuleList):
-                for i, (f, dec) in enumerate(zip(inputs[-len(aux):], aux)):
-                    preds[f"loss_aux{i + 1}"] = dec(f)
-            else:
-                preds["loss_aux"] = aux(inputs[-1])
+        preds.update(self.auxiliary_preds(feats))
         return preds
+
+    def auxiliary_preds(self, feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The auxiliary decoders' scores (``loss_aux`` or ``loss_aux1..n``) on the stages before the last."""
+        aux = getattr(self, "auxiliary_decoder", None)
+        if aux is None:
+            return {}
+        inputs = feats[:-1]
+        if isinstance(aux, nn.ModuleList):
+            return {f"loss_aux{i + 1}": dec(f) for i, (f, dec) in enumerate(zip(inputs[-len(aux):], aux))}
+        return {"loss_aux": aux(inputs[-1])}
+
+    def train_forward(self, x: torch.Tensor, labels: torch.Tensor, *, head_cfg: Mapping, learning_rate: float,
+                      epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+        """One training forward as the toolbox's TRAIN mode runs it: ``(preds, extra)``. ``preds`` are the
+        scores scored against ``labels`` (N, H, W; -100 unlabelled) under the card's losses; ``extra`` maps
+        further loss names to ``(scores, targets, loss_cfg)``. Families that update statistics from the labels
+        while training (MCIBI's memory, IDRNet's class relations) override this and do so in place."""
+        return self.forward_train(x), {}
 
     def decode_train(self, feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"loss_cls": self.decode(feats)}

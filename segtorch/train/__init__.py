@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import importlib
 
-_LAZY = {"PolySchedule": "optim", "build_optimizer": "optim", "param_groups": "optim", "segmentation_loss": "optim",
+_LAZY = {"PolySchedule": "optim", "build_optimizer": "optim", "clip_gradients": "optim", "param_groups": "optim",
+         "segmentation_loss": "losses", "training_losses": "losses", "configured_loss": "losses",
          "EpochSampler": "trainer", "TrainConfig": "trainer", "Trainer": "trainer", "init_distributed": "trainer",
          "whole_image_predictor": "trainer"}
 __all__ = sorted(_LAZY)

@@ -130,7 +130,19 @@ def build_model(card, num_classes: int, init: str, log=print):
     log(f"init: {path} ({len(state)} tensors)"
         + (f"; new (shape differs): {', '.join(reshaped)}" if reshaped else "")
         + (f"; not in the file, left random: {len(missing)} tensors ({missing[0]} ...)" if missing else ""))
+    fresh = [f"{k} ({how})" for k, how in FRESH_TRAINING_STATE.items()
+             if k in expected and (k in reshaped or k not in state)]
+    if hasattr(model, "selected_classes_counter"):  # in no checkpoint file
+        fresh.append(f"selected_classes_counter ({FRESH_TRAINING_STATE['selected_classes_counter']})")
+    if fresh:
+        log("init: training state re-initialised as the toolbox initialises a fresh model: " + ", ".join(fresh))
     return model
+
+
+# what the toolbox gives the training statistics of a fresh model (segtorch's constructors do the same)
+FRESH_TRAINING_STATE = {"memory_module.memory": "zeros: each class's slot is filled at its first use",
+                        "class_relations_mean": "identity", "class_relations_var": "identity",
+                        "dl_cls_representations": "zeros", "selected_classes_counter": "1e-6 each"}
 
 
 def cmd_train(args) -> int:

@@ -3,8 +3,8 @@
 All three follow the toolbox (SSSegmentation): ``params_rules`` map a substring of a parameter's full name
 to lr/weight-decay multipliers (the longest matching rule wins; e.g. Swin's ``norm`` and position tables
 get no weight decay); the learning rate follows ``(1 - iter/max_iters) ** power`` from ``lr`` to ``min_lr``
-(default ``lr / 100``) with optional warmup, updated before every optimizer step; each head's scores are
-resized to the labels (bilinear) and scored with cross-entropy, weighted by the loss's ``scale_factor``.
+(default ``lr / 100``) with optional warmup, updated before every optimizer step; gradients are clipped
+per parameter group of the toolbox (``clipgrad_cfg``). The losses are in ``losses.py``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from typing import Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 _NOT_OPTIMIZER_ARGS = ("type", "params_rules", "base_setting", "filter_params")
@@ -112,33 +111,13 @@ class PolySchedule:
         return lr
 
 
-DEFAULT_LOSSES = {"loss_cls": {"type": "CrossEntropyLoss", "scale_factor": 1.0, "ignore_index": -100}}
-
-
-def segmentation_loss(preds: Mapping[str, torch.Tensor], labels: torch.Tensor, losses_cfg: Mapping[str, Mapping],
-                      align_corners: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of each output's cross-entropy against ``labels`` (N,H,W int64), and the parts."""
-    missing = [k for k in preds if k not in losses_cfg]
-    if missing:
-        raise KeyError(f"the model outputs {missing} but the losses configure only {sorted(losses_cfg)}")
-    total, parts = None, {}
-    for key, logits in preds.items():
-        cfg = losses_cfg[key]
-        if cfg.get("type", "CrossEntropyLoss") != "CrossEntropyLoss":
-            raise NotImplementedError(f"loss type {cfg['type']!r} ({key}) is not supported by the trainer")
-        logits = logits.float()  # the loss in fp32 under autocast
-        if logits.shape[-2:] != labels.shape[-2:]:
-            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=align_corners)
-        ignore = cfg.get("ignore_index", -100)
-        weight = cfg.get("class_weight")
-        weight = logits.new_tensor(weight) if weight is not None else None
-        if bool((labels != ignore).any()):
-            loss = F.cross_entropy(logits, labels, weight=weight, ignore_index=ignore,
-                                   reduction=cfg.get("reduction", "mean"),
-                                   label_smoothing=cfg.get("label_smoothing") or 0.0)
-        else:  # a batch of ignored pixels only: no signal, but keep the graph (DDP expects every gradient)
-            loss = logits.sum() * 0.0
-        loss = loss * cfg.get("scale_factor", 1.0)
-        parts[key] = loss.detach()
-        total = loss if total is None else total + loss
-    return total, parts
+def clip_gradients(model: nn.Module, optimizer_cfg: Mapping, clip_cfg: Mapping) -> None:
+    """The toolbox clips each of its parameter groups on its own: all parameters together without
+    ``params_rules``, each parameter alone with them (it makes one group per parameter)."""
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if not optimizer_cfg.get("params_rules"):
+        if params:
+            nn.utils.clip_grad_norm_(params, **clip_cfg)
+        return
+    for p in params:
+        nn.utils.clip_grad_norm_([p], **clip_cfg)

@@ -25,8 +25,9 @@ import os
 import random
 import tempfile
 import time
+import types
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +35,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .optim import DEFAULT_LOSSES, PolySchedule, build_optimizer, segmentation_loss
+from .losses import DEFAULT_LOSSES, training_losses
+from .optim import PolySchedule, build_optimizer, clip_gradients
 
 CHECKPOINT_FORMAT = "segtorch-train-1"
 
@@ -51,7 +53,8 @@ class TrainConfig:
     scheduler: dict = dataclasses.field(default_factory=lambda: {"type": "PolyScheduler", "power": 0.9})
     losses: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_LOSSES))
     align_corners: bool = False
-    clip_grad: dict | None = None  # {"max_norm": 35, "norm_type": 2}
+    clip_grad: dict | None = None  # the scheduler's clipgrad_cfg, e.g. {"max_norm": 35, "norm_type": 2}
+    head: dict | None = None  # the card's head settings (MCIBI's memory update, IDRNet's momenta ...)
     amp: str = "none"  # "fp16" | "bf16" (CUDA)
     num_workers: int = 2
     seed: int = 0
@@ -70,6 +73,7 @@ class TrainConfig:
         t = card.training
         values = dict(optimizer=dict(t["optimizer"]), scheduler=dict(t["scheduler"]), losses=dict(t["losses"]),
                       batch_size=t.get("batch_size_per_gpu", 2), epochs=t.get("epochs"),
+                      clip_grad=t["scheduler"].get("clipgrad_cfg"), head=dict(card.architecture.get("head") or {}),
                       align_corners=card.architecture.get("align_corners", False), export_name=card.name)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -119,17 +123,20 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class _TrainForward(nn.Module):
-    """Calls the segmentor's training forward, so that DDP (which wraps ``forward``) sees it."""
+    """One step's losses (``training_losses``) as a module's forward, so that DDP (which wraps ``forward``)
+    sees them."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, config: "TrainConfig"):
         super().__init__()
         self.model = model
+        self.card = types.SimpleNamespace(
+            architecture={"head": config.head or {}, "align_corners": config.align_corners},
+            training={"losses": config.losses})
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if hasattr(self.model, "forward_train"):
-            return self.model.forward_train(x)
-        out = self.model(x)
-        return out if isinstance(out, Mapping) else {"loss_cls": out}
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, learning_rate: float, epoch: int
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return training_losses(self.model, images, labels, card=self.card, learning_rate=learning_rate,
+                               epoch=epoch)
 
 
 def whole_image_predictor(mean: Sequence[float] = (123.675, 116.28, 103.53),
@@ -201,7 +208,7 @@ class Trainer:
         self.model = model
         self.optimizer = build_optimizer(model, c.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.amp == "fp16")
-        step = _TrainForward(model)
+        step = _TrainForward(model, c)
         if self.world > 1:
             step = nn.parallel.DistributedDataParallel(
                 step, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -255,7 +262,8 @@ class Trainer:
             _save_atomic({
                 "format": CHECKPOINT_FORMAT, "iteration": self.iteration, "max_iters": self.max_iters,
                 "iters_per_epoch": self.iters_per_epoch, "world_size": self.world,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "model": self.model.state_dict(), "training_buffers": _training_buffers(self.model),
+                "optimizer": self.optimizer.state_dict(),
                 "scheduler": {"iteration": self.iteration, **dataclasses.asdict(self.schedule)},
                 "scaler": self.scaler.state_dict(), "rng": rng,
                 "config": json.loads(json.dumps(dataclasses.asdict(self.config), default=str)),
@@ -272,6 +280,10 @@ class Trainer:
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise RuntimeError(f"{path}: not a segtorch training checkpoint")
         self.model.load_state_dict(ckpt["model"])
+        buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for key, value in ckpt.get("training_buffers", {}).items():
+                buffers[key].copy_(value)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = ckpt["iteration"]
@@ -316,7 +328,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def train_step(self, batches: Iterator) -> tuple[float, dict[str, torch.Tensor]]:
+        """One optimizer step; the toolbox's epoch (from 1) and scheduled rate go to the model's training
+        forward (MCIBI's memory momentum and memory loss depend on them)."""
         c = self.config
+        epoch = self.iteration // self.iters_per_epoch + 1
         lr = self.schedule.apply(self.optimizer, self.iteration)
         self.optimizer.zero_grad(set_to_none=True)
         parts: dict[str, torch.Tensor] = {}
@@ -327,16 +342,14 @@ class Trainer:
             last = micro == c.accumulate - 1
             sync = self.step_module.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
             with sync:
-                with self._autocast():
-                    preds = self.step_module(images)
-                loss, losses = segmentation_loss(preds, labels, c.losses, c.align_corners)
+                with self._autocast():  # the losses themselves are computed in fp32
+                    loss, losses = self.step_module(images, labels, lr, epoch)
                 self.scaler.scale(loss / c.accumulate).backward()
             for k, v in losses.items():
                 parts[k] = parts.get(k, 0) + v / c.accumulate
         if c.clip_grad:
             self.scaler.unscale_(self.optimizer)
-            for group in self.optimizer.param_groups:
-                nn.utils.clip_grad_norm_([p for p in group["params"] if p.grad is not None], **c.clip_grad)
+            clip_gradients(self.model, c.optimizer, c.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return lr, parts
@@ -424,6 +437,12 @@ class Trainer:
                 f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                     for k, v in record.items()}) + "\n")
         return record
+
+
+def _training_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that training updates but that are in no state dict (IDRNet's selection counts)."""
+    persistent = model.state_dict().keys()
+    return {k: v.detach().cpu() for k, v in model.named_buffers() if k not in persistent}
 
 
 def _as_tuple(value):

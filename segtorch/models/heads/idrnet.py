@@ -15,16 +15,21 @@ A self-attention block (``idcontext_refiner``) fuses the three, and ``decoder_st
 [features, refined context, coarse context]. Its output is the segmentation.
 
 The four "coarse-context decoders" of the published models are: none (FCN: the bottleneck alone), PPM, ASPP,
-and "UPerNet" (PPM or ASPP on top of an FPN). The momentum statistics are updated by the toolbox's training
-loop from ground truth; here they are plain buffers loaded from the checkpoint (``selected_classes_counter``,
-the training-only sampling statistic, is not kept).
+and "UPerNet" (PPM or ASPP on top of an FPN). The momentum statistics are buffers loaded from the checkpoint
+and updated from the labels by ``train_forward`` as the toolbox's TRAIN forward does. The training-only
+sampling statistic ``selected_classes_counter`` is not in the published checkpoints: it is a non-persistent
+buffer here (the trainer keeps it in its own checkpoints), initialised as the toolbox initialises it.
 """
 from __future__ import annotations
 
+import random
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..layers import ActLayer, ConvNormAct, NormLayer
 from ..segmentor import Segmentor
@@ -35,6 +40,8 @@ from .upernet import fpn_fuse, fpn_layers
 
 # the toolbox switches off non-positive mean relations with this logit before the softmax
 NEGATIVE_RELATION_LOGIT = -1e16
+# the toolbox's initial selection count of every class (a fresh model)
+COUNTER_INIT = 1e-6
 
 
 def refiner(in_channels: int, transform_channels: int, out_channels: int, norm_layer: NormLayer,
@@ -112,6 +119,8 @@ class IDRNet(Segmentor):
         self.register_buffer("class_relations_mean", torch.eye(num_classes))
         self.register_buffer("class_relations_var", torch.eye(num_classes))
         self.register_buffer("dl_cls_representations", torch.zeros(num_classes, feats_channels))
+        # how often each class was the intervention class while training (not in the checkpoints)
+        self.register_buffer("selected_classes_counter", torch.full((num_classes,), COUNTER_INIT), persistent=False)
 
         # input: features with dl representations appended, mean context, var context (2C wide each) -> C
         self.idcontext_refiner = refiner(feats_channels * 6, refine_idcontext_channels, feats_channels,
@@ -152,13 +161,17 @@ class IDRNet(Segmentor):
         return self._decode(feats)[1]
 
     def decode_train(self, feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Both stages' scores. The toolbox's training step also updates the class relations (by re-running
-        stage 2 with one class's context removed and comparing per-class losses against the ground truth) and
-        the dataset-level representations; those need the targets and are not done here."""
+        """Both stages' scores, without the label-driven updates (``train_forward`` does those)."""
         stage1, stage2 = self._decode(feats)
         return {"loss_cls_stage1": stage1, "loss_cls_stage2": stage2}
 
     def _decode(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        _, _, stage1, stage2 = self._decode_parts(feats)
+        return stage1, stage2
+
+    def _decode_parts(self, feats: list[torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(bottleneck features, coarse context as stage 2 sees it, stage-1 scores, stage-2 scores)."""
         x = self.bottleneck(feats[-1])
         context = None
         if self.coarse_context_module is not None:
@@ -177,22 +190,26 @@ class IDRNet(Segmentor):
 
         if self.use_fpn_after:
             context = self._fpn(feats, context)
+        return x, context, stage1, self._stage2(x, id_context, context)
+
+    def _stage2(self, x: torch.Tensor, id_context: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         if context is None:
-            stage2 = self.decoder_stage2(torch.cat([x, id_context], dim=1))
-        else:
-            if context.shape[2:] != x.shape[2:]:
-                x, id_context = self.resize(x, context.shape[2:]), self.resize(id_context, context.shape[2:])
-            stage2 = self.decoder_stage2(torch.cat([x, id_context, context], dim=1))
-        return stage1, stage2
+            return self.decoder_stage2(torch.cat([x, id_context], dim=1))
+        if context.shape[2:] != x.shape[2:]:
+            x, id_context = self.resize(x, context.shape[2:]), self.resize(id_context, context.shape[2:])
+        return self.decoder_stage2(torch.cat([x, id_context, context], dim=1))
 
     def _fpn(self, feats: list[torch.Tensor], context: torch.Tensor) -> torch.Tensor:
         # the coarse context takes the place of the top level; fpn_fuse runs its top module on it (identity)
         return fpn_fuse([*feats[:-1], context], nn.Identity(), self.lateral_convs, self.fpn_convs,
                         self.align_corners)
 
-    def intervention_context(self, x: torch.Tensor, stage1: torch.Tensor) -> torch.Tensor:
+    def intervention_context(self, x: torch.Tensor, stage1: torch.Tensor,
+                             removed: torch.Tensor | None = None) -> torch.Tensor:
         """Refined intervention-driven context of features ``x`` (B, C, H, W) given stage-1 scores ``stage1``
-        (B, num_classes, H, W): the toolbox's per-image, per-class loops done for all classes at once."""
+        (B, num_classes, H, W): the toolbox's per-image, per-class loops done for all classes at once.
+        ``removed`` (B,): training's intervention, one class per image left out of the mixtures (its pixels
+        get no context)."""
         b, _, h, w = x.shape
         num_classes = self.num_classes
         labels = stage1.argmax(dim=1).flatten(1)  # (B, P): every pixel belongs to exactly one class
@@ -205,12 +222,19 @@ class IDRNet(Segmentor):
         classes = torch.arange(num_classes, device=labels.device)
         member = labels.unsqueeze(1) == classes[:, None]  # (B, N, P)
         present = member.any(dim=2)  # (B, N)
+        if removed is not None:
+            present = present.clone()
+            present[torch.arange(b, device=present.device), removed] = False
         weights = stage1.flatten(2).masked_fill(~member, float("-inf")).softmax(dim=2)
         weights = weights.masked_fill(~present.unsqueeze(2), 0.0)  # classes without pixels: NaN -> 0
         class_contexts = torch.bmm(weights, feats_withdl.transpose(1, 2))  # (B, N, 2C)
 
         mean_context = self._mix(class_contexts, self.class_relations_mean, present, labels, True)
         var_context = self._mix(class_contexts, self.class_relations_var, present, labels, False)
+        if removed is not None:  # the removed class's pixels (and an image with no class left) read zeros
+            kept = (labels != removed[:, None]).unsqueeze(1)
+            mean_context = torch.where(kept, mean_context, 0.0)
+            var_context = torch.where(kept, var_context, 0.0)
         fused = torch.cat([feats_withdl, mean_context, var_context], dim=1).unflatten(2, (h, w))
         return self.idcontext_refiner(fused, fused)
 
@@ -227,3 +251,99 @@ class IDRNet(Segmentor):
         mixed = torch.bmm(logits.softmax(dim=2), class_contexts)  # (B, N, 2C); absent classes have weight 0
         index = labels.unsqueeze(2).expand(-1, -1, mixed.shape[2])
         return mixed.gather(1, index).transpose(1, 2)
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def reset_buffers(self) -> None:
+        """The selection counts a fresh model starts from (they are in no checkpoint file)."""
+        self.selected_classes_counter = torch.full((self.num_classes,), COUNTER_INIT,
+                                                   device=self.class_relations_mean.device)
+
+    def train_forward(self, x: torch.Tensor, labels: torch.Tensor, *, head_cfg: Mapping, learning_rate: float,
+                      epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+        """The toolbox's TRAIN forward, in its order (Python's ``random`` draws included):
+
+        1. a seed from ``random`` (the toolbox reseeds CUDA with it before both stage-2 passes, so that their
+           dropout masks agree on a GPU);
+        2. both stages as at inference;
+        3. per image, an intervention class drawn from the classes of its stage-1 map with weights 1 / how
+           often each was drawn (``random.choices``), whose count then goes up by one;
+        4. stage 2 again with that class removed from the contexts; per labelled class of the image, the
+           change of its pixels' cross-entropy (mean, and variance where it has two pixels or more) moves
+           ``class_relations_mean`` / ``_var`` [intervention class, class] by ``clsrelation_momentum``;
+        5. ``dl_cls_representations`` of each labelled class move towards the mean of its pixels' bottleneck
+           features (resized to the labels) by ``dlclsreps_momentum``;
+        each statistic is then averaged over the processes.
+        """
+        seed = random.randrange(1, 10**16)  # what the toolbox's random.randint(1, 1e16) draws
+        feats = self.features(x)
+        on_cuda = x.device.type == "cuda"
+        if on_cuda:
+            torch.cuda.manual_seed(seed)
+        x_feats, context, stage1, stage2 = self._decode_parts(feats)
+        ignore_index = head_cfg.get("ignore_index", -100)
+        with torch.no_grad():
+            removed = self._draw_interventions(stage1)
+            id_context = self.intervention_context(x_feats, stage1, removed=removed)
+            if on_cuda:
+                torch.cuda.manual_seed(seed)
+            intervened = self._stage2(x_feats, id_context, context)
+            self._update_relations(self.resize(intervened, labels.shape[-2:]), self.resize(stage2, labels.shape[-2:]),
+                                   labels, removed.tolist(), head_cfg["clsrelation_momentum"], ignore_index)
+            _average_over_processes(self.class_relations_mean, self.class_relations_var,
+                                    self.selected_classes_counter)
+            self._update_representations(self.resize(x_feats, labels.shape[-2:]), labels,
+                                         head_cfg["dlclsreps_momentum"], ignore_index)
+            _average_over_processes(self.dl_cls_representations)
+        preds = {"loss_cls_stage1": stage1, "loss_cls_stage2": stage2, **self.auxiliary_preds(feats)}
+        return preds, {}
+
+    def _draw_interventions(self, stage1: torch.Tensor) -> torch.Tensor:
+        """One class per image from its stage-1 classes (ascending), weighted by 1 / selection count, counted."""
+        present = stage1.argmax(dim=1).flatten(1)
+        counter = self.selected_classes_counter
+        chosen = []
+        for labels in present:
+            classes = labels.unique().tolist()
+            weights = [1.0 / float(counter[c].item()) for c in classes]
+            weights = np.array(weights) / sum(weights)  # normalised in float64 as the toolbox does
+            clsid = random.choices(classes, weights=weights, k=1)[0]
+            chosen.append(clsid)
+            counter[clsid] = counter[clsid] + 1.0
+        return torch.tensor(chosen, device=stage1.device)
+
+    def _update_relations(self, intervened: torch.Tensor, anchor: torch.Tensor, labels: torch.Tensor,
+                          removed: list[int], momentum: float, ignore_index: int) -> None:
+        """Scores (B, K, H, W) at the labels' size; per image and labelled class, in ascending class order."""
+        safe = labels.clamp_min(0).masked_fill(labels == ignore_index, 0)
+        loss_intervened = F.cross_entropy(intervened, safe, reduction="none")
+        loss_anchor = F.cross_entropy(anchor, safe, reduction="none")
+        mean, var = self.class_relations_mean, self.class_relations_var
+        for b, row in enumerate(removed):
+            for clsid in labels[b].unique().tolist():
+                if clsid == ignore_index:
+                    continue
+                mask = labels[b] == clsid
+                li, la = loss_intervened[b][mask], loss_anchor[b][mask]
+                mean[row, clsid] = (li.mean() - la.mean()) * momentum + mean[row, clsid] * (1 - momentum)
+                if la.numel() > 1:
+                    change = li.var(unbiased=False) - la.var(unbiased=False)
+                    var[row, clsid] = change * momentum + var[row, clsid] * (1 - momentum)
+
+    def _update_representations(self, features: torch.Tensor, labels: torch.Tensor, momentum: float,
+                                ignore_index: int) -> None:
+        """``features`` (B, C, H, W) at the labels' size; each labelled class of the batch, ascending."""
+        features = features.permute(0, 2, 3, 1)
+        reps = self.dl_cls_representations
+        for clsid in labels.unique().tolist():
+            if clsid == ignore_index:
+                continue
+            reps[clsid] = features[labels == clsid].mean(0) * momentum + reps[clsid] * (1 - momentum)
+
+
+def _average_over_processes(*tensors: torch.Tensor) -> None:
+    """In place: each tensor becomes the mean of the processes' tensors (nothing when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for t in tensors:
+        dist.all_reduce(t.div_(world), op=dist.ReduceOp.SUM)

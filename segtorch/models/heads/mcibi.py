@@ -84,9 +84,10 @@ class FeaturesMemory(nn.Module):
     @torch.no_grad()
     def update(self, features: torch.Tensor, segmentation: torch.Tensor, ignore_index: int = -100,
                strategy: str = "cosine_similarity", momentum_cfg: Mapping | None = None,
-               learning_rate: float | None = None) -> None:
+               learning_rate: float | None = None) -> torch.Tensor:
         """Training only: moving-average update of each present class's memory from ``features`` (B, C, H, W,
-        already resized to the label size) and ``segmentation`` (B, H, W), following the toolbox."""
+        already resized to the label size) and ``segmentation`` (B, H, W), following the toolbox. Returns this
+        process's updated memory (before the average over processes)."""
         if strategy not in ("mean", "cosine_similarity"):
             raise ValueError(f"unknown memory update strategy {strategy!r}")
         momentum = momentum_cfg["base_momentum"]
@@ -124,7 +125,12 @@ class FeaturesMemory(nn.Module):
                     feats_iter = (feats_iter * weight.unsqueeze(-1)).sum(0)
                     memory[clsid, i] = memory[clsid, i] * (1 - momentum) + feats_iter * momentum
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(memory.div_(dist.get_world_size()), op=dist.ReduceOp.SUM)
+            # the module takes the processes' average in new storage; the updated local tensor (which this
+            # step's graph and memory loss read, as in the toolbox) is returned unchanged
+            averaged = memory.clone()
+            dist.all_reduce(averaged.div_(dist.get_world_size()), op=dist.ReduceOp.SUM)
+            self.memory.data = averaged
+        return memory
 
 
 class MCIBI(Segmentor):
@@ -189,6 +195,10 @@ class MCIBI(Segmentor):
             # channel-wise norm over (B, C, H, W): move channels last and back
             feats = [norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for f, norm in zip(feats, self.norm_layers)]
         if hasattr(self, "downsample_backbone"):
+            if self.training:
+                # the toolbox downsamples every selected output (HRNet selects one four times): in training
+                # each call moves the BatchNorm statistics, so do as many calls
+                return [self.downsample_backbone(f) for f in feats]
             # HRNet configs select the same output several times: downsample each distinct tensor once
             done: dict[int, torch.Tensor] = {}
             for f in feats:
@@ -210,13 +220,32 @@ class MCIBI(Segmentor):
         return self._stages(feats)[2]
 
     def decode_train(self, feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Stage-1/2 scores. The memory update (``memory_module.update`` with the upsampled bottleneck features
-        and the labels) and the memory loss (``memory_logits``) are left to the trainer."""
+        """Stage-1/2 scores, without the memory update and memory loss (``train_forward`` does those)."""
         _, preds_stage1, preds_stage2 = self._stages(feats)
         return {"loss_cls_stage1": preds_stage1, "loss_cls_stage2": preds_stage2}
 
-    def memory_logits(self) -> torch.Tensor:
-        """Stage-2 scores of the stored memory vectors, (K * num_feats_per_cls, K): the toolbox's memory loss
-        uses them with targets ``arange(K).repeat_interleave(num_feats_per_cls)``."""
-        memory = self.memory_module.memory.detach()
+    def memory_logits(self, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage-2 scores of the stored memory vectors (default: the module's), (K * num_feats_per_cls, K): the
+        toolbox's memory loss uses them with targets ``arange(K).repeat_interleave(num_feats_per_cls)``."""
+        memory = (self.memory_module.memory if memory is None else memory).detach()
         return self.decoder_stage2(memory.reshape(-1, memory.shape[-1], 1, 1)).flatten(1)
+
+    def train_forward(self, x: torch.Tensor, labels: torch.Tensor, *, head_cfg: Mapping, learning_rate: float,
+                      epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+        """The toolbox's TRAIN forward: both stages and the auxiliary head; then the memory update from the
+        bottleneck features resized to the labels (momentum scaled by ``learning_rate`` when the card says so);
+        from the second epoch on (``use_loss``) the memory loss: stage 2 classifies each memory vector as its
+        class. The memory read by this step's graph and loss is the updated one, as in the toolbox."""
+        feats = self.features(x)
+        memory_input, preds_stage1, preds_stage2 = self._stages(feats)
+        preds = {"loss_cls_stage1": preds_stage1, "loss_cls_stage2": preds_stage2, **self.auxiliary_preds(feats)}
+        with torch.no_grad():
+            features = self.resize(memory_input, labels.shape[-2:])
+            stored = self.memory_module.update(features, labels, learning_rate=learning_rate, **head_cfg["update_cfg"])
+        extra = {}
+        if epoch > 1 and head_cfg.get("use_loss", False):
+            logits = self.memory_logits(stored)
+            targets = torch.arange(self.num_classes, device=logits.device).repeat_interleave(
+                self.memory_module.num_feats_per_cls)
+            extra["loss_memory"] = (logits, targets, head_cfg["loss_cfg"])
+        return preds, extra
