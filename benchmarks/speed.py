@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import segtorch  # noqa: E402
-from parity import SEEDS_DIR, relative_error, seeded_input, seeded_state_dict  # noqa: E402
+from parity import UPSTREAM_DIR, relative_error, seeded_input, seeded_state_dict  # noqa: E402
 from segtorch.inference.precision import cpu_flags, cpu_supports_bf16  # noqa: E402
 
 TTA_NAME = "pspnet_resnet50os8_ade20k"
@@ -42,7 +42,7 @@ MEM_NAME = "pspnet_resnet50os8_cityscapes"
 def toolbox_model(name: str, state: dict, inference: dict):
     from ssseg.modules import BuildSegmentor
 
-    cfg = copy.deepcopy(json.loads((SEEDS_DIR / "upstream_configs.json").read_text())["configs"][name]["segmentor_cfg"])
+    cfg = copy.deepcopy(json.loads((UPSTREAM_DIR / "upstream_configs.json").read_text())["configs"][name]["segmentor_cfg"])
     cfg["backbone"]["pretrained"] = False
     cfg["norm_cfg"] = {"type": "BatchNorm2d"}
     cfg["inference"]["forward"] = {"mode": inference["mode"], "cropsize": list(inference["crop_size"]),

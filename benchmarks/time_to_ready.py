@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     import torch
-    from parity import SEEDS_DIR, seeded_state_dict
+    from parity import UPSTREAM_DIR, seeded_state_dict
 
     import segtorch
 
@@ -69,7 +69,7 @@ def main() -> None:
                  "segtorch": SEGTORCH.format(name=args.name, path=str(st))}
         if have_toolbox:
             cases["toolbox"] = TOOLBOX.format(name=args.name, path=str(pth),
-                                              configs=str(SEEDS_DIR / "upstream_configs.json"))
+                                              configs=str(UPSTREAM_DIR / "upstream_configs.json"))
         times = {k: [] for k in cases}
         for _ in range(args.repeats):
             for key, code in cases.items():  # interleaved, so drifts hit every column alike

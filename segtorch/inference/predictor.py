@@ -224,16 +224,32 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def labels_and_confidence(scores: torch.Tensor, probabilities: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """N x H x W int32 labels and float32 max class probability from averaged scores N x C x H x W
+    (``probabilities``: already averaged probabilities, as ``softmax_before_resize`` gives)."""
+    labels = scores.argmax(dim=1, keepdim=True)  # argmax: the first of tied classes, as predict picks it
+    best = scores.gather(1, labels)[:, 0]
+    labels = labels[:, 0]
+    if probabilities:
+        return labels.to(torch.int32), best
+    # max softmax = 1 / sum(exp(s - max)), without a full-size probability tensor
+    return labels.to(torch.int32), (scores - best[:, None]).exp_().sum(dim=1).reciprocal_()
+
+
 def predict_labels(model: Model, image_rgb: ImageSource, *, resize: Mapping | None, mean: Sequence[float],
-                   std: Sequence[float], device: torch.device | str | None = None, **infer_kwargs) -> np.ndarray:
+                   std: Sequence[float], device: torch.device | str | None = None, return_scores: bool = False,
+                   **infer_kwargs):
     """H x W int32 label map at the image's own size: the toolbox's full test pipeline (read, Resize,
     Normalize, TTA scores resized back to the original size and averaged, argmax). ``image_rgb``: an HxWx3
-    uint8 RGB array, or anything ``read_image`` takes. ``infer_kwargs``: as for ``infer_logits``."""
+    uint8 RGB array, or anything ``read_image`` takes. ``infer_kwargs``: as for ``infer_logits``.
+    ``return_scores``: (labels, H x W float32 max class probability)."""
     image = image_rgb if isinstance(image_rgb, np.ndarray) and image_rgb.ndim == 3 and image_rgb.shape[2] == 3 \
         and image_rgb.dtype == np.uint8 else read_image(image_rgb)
     device = torch.device(device) if device is not None else _model_device(model)
     x = preprocess(image, resize, mean, std).to(device)
     with torch.inference_mode():
         scores = infer_logits(model, x, output_size=image.shape[:2], **infer_kwargs)
-        labels = scores[0].argmax(dim=0).to(torch.int32)
-    return labels.cpu().numpy()
+        if not return_scores:
+            return scores[0].argmax(dim=0).to(torch.int32).cpu().numpy()
+        labels, confidence = labels_and_confidence(scores, bool(infer_kwargs.get("softmax_before_resize")))
+    return labels[0].cpu().numpy(), confidence[0].cpu().numpy()
