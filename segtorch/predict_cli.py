@@ -22,8 +22,6 @@ from pathlib import Path
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 OUTPUTS = ("labels", "color", "overlay", "scores", "legend")
 DEFAULT_OUTPUTS = ("labels", "color", "overlay")
-# zlib level 1: a third of the time of Pillow's default (6) for label and colour maps, files ~10% larger
-PNG_COMPRESS_LEVEL = 1
 
 
 def add_predict_parser(subparsers):
@@ -113,12 +111,20 @@ def output_names(files: list[Path]) -> list[str]:
 
 
 def write_png(array, path: Path) -> None:
-    from PIL import Image
+    """An H x W (8/16-bit) or H x W x 3 RGB array as a PNG, atomically. OpenCV's encoder at zlib level 1 with
+    run-length matching: about a fifth of the time of Pillow's default level for files of about its size."""
+    import cv2
+    import numpy as np
 
-    from .files import atomic_path
+    from .files import atomic_write
 
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    if array.ndim == 3:
+        array = np.ascontiguousarray(array[..., ::-1])  # RGB -> the BGR order OpenCV writes from
+    ok, data = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1,
+                                            cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
+    if not ok:
+        raise ValueError(f"{path}: cannot encode a {array.dtype} array of shape {array.shape} as PNG")
+    atomic_write(path, data.tobytes())
 
 
 def _default_model() -> str:

@@ -139,7 +139,7 @@ class Segmenter:
                          crop_size=None, stride=None, return_scores: bool = False) -> list:
         """``predict`` for N prepared images of one original ``size`` (h, w), stacked N x 3 x h x w: one
         label map (or (labels, confidence)) per image."""
-        from .inference.predictor import infer_logits, labels_and_confidence
+        from .inference.predictor import class_argmax, infer_logits, labels_and_confidence
 
         settings = self.inference_settings(tta, mode=mode, crop_size=crop_size, stride=stride)
         with torch.inference_mode(), self._autocast():
@@ -147,7 +147,7 @@ class Segmenter:
                                   align_corners=self.card.architecture.get("align_corners", False),
                                   output_size=tuple(size), **settings)
             if not return_scores:
-                return list(scores.argmax(dim=1).to(torch.int32).cpu().numpy())
+                return list(class_argmax(scores).cpu().numpy())
             labels, confidence = labels_and_confidence(scores, bool(settings["softmax_before_resize"]))
         return list(zip(labels.cpu().numpy(), confidence.cpu().numpy()))
 
