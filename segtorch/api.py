@@ -87,14 +87,16 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     state, _ = load_for_model(path, model, keep=("auxiliary_decoder.",) if auxiliary else ())
     # a file stored in fp16/bf16 must not make the model run in that dtype: reduced precision is autocast's job
     model = _materialise(model, state).float().eval()
-    default_fuse, default_channels_last = (False, False) if auxiliary else \
-        fast_path_defaults(card.architecture.get("backbone", {}).get("type"))
-    if default_fuse if fuse_bn is None else fuse_bn:
+    if fuse_bn is None:
+        fuse_bn = not auxiliary and fast_path_defaults(card.architecture.get("backbone", {}).get("type"))[0]
+    if fuse_bn:
         from .inference.fuse import fold_batchnorm
 
         fold_batchnorm(model)
+    if auxiliary and channels_last is None:
+        channels_last = False
     return Segmenter(model.to(device), card, device=device, precision=precision, compile=compile,
-                     channels_last=default_channels_last if channels_last is None else channels_last)
+                     channels_last=channels_last)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, name: str, *, auxiliary: bool = False

@@ -21,23 +21,45 @@ class ChannelsLast(torch.nn.Module):
         return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
+def reduced_precision_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``model`` whose convolution weights are stored in ``dtype``: autocast would cast them to it
+    on every call (same values, so the same outputs); everything else (norms, softmax, the scores) stays
+    float32 as autocast keeps it."""
+    import copy
+
+    fast = copy.deepcopy(model)
+    for module in fast.modules():
+        if type(module) is torch.nn.Conv2d:
+            module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    return fast
+
+
 class Segmenter:
     """A model ready for inference.
 
-    ``model``: the nn.Module; ``model(x)`` gives the main head's scores at its output stride. ``logits`` and
-    ``predict`` run the card's inference settings (whole/slide, scales, flips) at the chosen precision.
+    ``model``: the nn.Module (float32); ``model(x)`` gives the main head's scores at its output stride.
+    ``logits`` and ``predict`` run the card's inference settings (whole/slide, scales, flips) at the chosen
+    precision. ``channels_last``: None = the backbone's measured default for that precision
+    (``segtorch.inference.fast_path``).
     """
 
     def __init__(self, model: torch.nn.Module, card: ModelCard, device: torch.device | str = "cpu",
-                 precision: str = "fp32", compile: bool = False, channels_last: bool = False):
-        from .inference.precision import check_precision
+                 precision: str = "fp32", compile: bool = False, channels_last: bool | None = None):
+        from .inference.fast_path import fast_path_defaults
+        from .inference.precision import check_precision, reduced_dtype
 
         self.device = torch.device(device)
         check_precision(self.device, precision)
         self.model = model
         self.card = card
         self.precision = precision
-        self._forward = ChannelsLast(model) if channels_last else model
+        if channels_last is None:
+            channels_last = fast_path_defaults(card.architecture.get("backbone", {}).get("type"), precision)[1]
+        self.channels_last = channels_last
+        forward = model if precision == "fp32" else reduced_precision_copy(model, reduced_dtype(precision))
+        self._forward = ChannelsLast(forward) if channels_last else forward
         if compile:
             # freezing lets the CPU backend pre-pack convolution weights; the one-off compile happens on the
             # first call per input shape

@@ -590,3 +590,26 @@ def test_half_precision_checkpoint_runs_in_float32(tmp_path, dtype):
     assert seg.precision == "fp32"
     assert {p.dtype for p in seg.model.parameters()} == {torch.float32}
     assert seg.logits(torch.zeros(1, 3, 32, 32)).dtype == torch.float32
+
+
+def test_reduced_precision_copy_gives_autocasts_outputs(monkeypatch):
+    """The bf16 forward stores its convolution weights in bf16 once instead of autocast casting them on every
+    call: the same values, so the same outputs; seg.model itself stays float32. (Emulated where the CPU has no
+    bf16 instructions; the fp16 path on CUDA is the same code with another dtype.)"""
+    from segtorch import Segmenter
+
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    seg = _demo()
+    x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
+    fast = Segmenter(seg.model, seg.card, precision="bf16", channels_last=False)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = seg.model(x)
+        with fast._autocast():
+            got = fast._forward(x)
+    assert torch.equal(got, expected)
+    assert {p.dtype for p in seg.model.parameters()} == {torch.float32}
+    assert Segmenter(seg.model, seg.card, precision="bf16").channels_last  # a ResNet: channels-last at bf16
+    image = np.random.default_rng(5).integers(0, 255, (40, 52, 3), dtype=np.uint8)
+    agree = (Segmenter(seg.model, seg.card, precision="bf16").predict(image) == seg.predict(image)).mean()
+    assert agree > 0.95

@@ -21,6 +21,11 @@ DEFAULTS: dict[str, tuple[bool, bool]] = {
 }
 
 
-def fast_path_defaults(backbone_type: str | None) -> tuple[bool, bool]:
-    """(fuse_bn, channels_last) for a backbone type; an unknown backbone gets neither."""
-    return DEFAULTS.get(backbone_type or "", (False, False))
+def fast_path_defaults(backbone_type: str | None, precision: str = "fp32") -> tuple[bool, bool]:
+    """(fuse_bn, channels_last) for a backbone type; an unknown backbone gets neither. At bf16/fp16 the
+    convolutions' own rounding (~1e-3) dwarfs the layout's, and oneDNN's reduced-precision kernels are
+    ~20% faster in channels-last: convolutional backbones run channels-last there."""
+    fuse, channels_last = DEFAULTS.get(backbone_type or "", (False, False))
+    if precision != "fp32" and backbone_type in ("ResNet", "ResNeSt", "HRNet"):
+        channels_last = True
+    return fuse, channels_last
