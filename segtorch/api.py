@@ -31,8 +31,17 @@ def _meta_model(card: ModelCard, auxiliary: bool) -> torch.nn.Module:
     """Build on the meta device: no memory and no random initialisation that the weights would overwrite."""
     from .models.segmentor import build_segmentor
 
-    with torch.device("meta"):
-        return build_segmentor(card.architecture, auxiliary=auxiliary)
+    # random initialisation on meta tensors computes nothing but still dispatches every op: skip it
+    init = torch.nn.init
+    saved = {n: getattr(init, n) for n in dir(init) if n.endswith("_") and not n.startswith("_")}
+    try:
+        for n in saved:
+            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return build_segmentor(card.architecture, auxiliary=auxiliary)
+    finally:
+        for n, fn in saved.items():
+            setattr(init, n, fn)
 
 
 def _materialise(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -41,7 +41,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
 
 
 @torch.no_grad()
-def _fold(conv: nn.Conv2d, bn: _BatchNorm) -> None:
+def _fold(conv: nn.Conv2d, bn: _BatchNorm, in_place: bool) -> None:
     # y = gamma * (conv(x) + b - mean) / sqrt(var + eps) + beta
     scale = bn.running_var.double().add(bn.eps).rsqrt()
     if bn.weight is not None:
@@ -51,8 +51,10 @@ def _fold(conv: nn.Conv2d, bn: _BatchNorm) -> None:
     if bn.bias is not None:
         shift = shift + bn.bias.double()
     w = conv.weight
-    # the per-channel factors in float64, the (large) weight tensor scaled in its own dtype: one rounding
-    conv.weight = nn.Parameter(w * scale.to(w.dtype).view(-1, 1, 1, 1), requires_grad=False)
+    # the per-channel factors in float64, the (large) weight tensor scaled in its own dtype: one rounding;
+    # in place where nothing needs the old weights (a fresh tensor costs 3x the time in page faults)
+    factor = scale.to(w.dtype).view(-1, 1, 1, 1)
+    conv.weight = nn.Parameter(w.detach().mul_(factor) if in_place else w * factor, requires_grad=False)
     conv.bias = nn.Parameter(shift.to(w.dtype), requires_grad=False)
 
 
@@ -76,7 +78,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor | None = None, rtol: 
     for parent, conv_name, bn_name in conv_bn_pairs(model):
         conv, bn = parent._modules[conv_name], parent._modules[bn_name]
         undo.append((parent, conv, conv.weight, conv.bias, bn_name, bn))
-        _fold(conv, bn)
+        _fold(conv, bn, in_place=reference is None)
         parent._modules[bn_name] = nn.Identity()
     if reference is not None and undo:
         err = _relative_error(run(example).float(), reference)
