@@ -26,7 +26,9 @@ SLOW_BACKBONES = {"ResNeSt", "HRNet", "VisionTransformer", "SwinTransformer"}
 TOLERANCE = 1e-5
 # the default fast path (BatchNorm folded, channels-last, as chosen per backbone) may round differently from the
 # toolbox but must stay as close to the float64 answer as the toolbox's own float32 arithmetic, within this factor
+# (or within FAST_PATH_FLOOR: a few float32 roundings, where the toolbox itself is within one or two)
 FAST_PATH_FACTOR = 2.0
+FAST_PATH_FLOOR = 1e-5
 
 
 def _param(name: str):
@@ -64,7 +66,7 @@ def _segtorch_outputs(name: str, tmp_path, state: dict[str, torch.Tensor], shape
         for t, e, ref in zip(x, exact, toolbox_outputs):
             toolbox_err = relative_error(ref, e)
             fast_err = relative_error(fast._forward(t), e)
-            assert fast_err <= FAST_PATH_FACTOR * toolbox_err, (
+            assert fast_err <= max(FAST_PATH_FACTOR * toolbox_err, FAST_PATH_FLOOR), (
                 f"{name}: the default fast path is {fast_err:.2e} from float64, the toolbox {toolbox_err:.2e}")
     return outputs
 
