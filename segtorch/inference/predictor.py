@@ -185,8 +185,10 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
     if images.ndim != 4:
         raise ValueError(f"images must be N x 3 x H x W, got shape {tuple(images.shape)}")
     dtype = _model_dtype(model)
-    if dtype is not None and dtype != images.dtype and dtype.is_floating_point:
-        images = images.to(dtype)  # the toolbox casts inputs to the parameters' dtype
+    # the toolbox casts inputs to the parameters' dtype; weights stored in bf16/fp16 for autocast (Segmenter's
+    # reduced-precision copy) leave the images in float32 for the resizes, as autocast does
+    if dtype in (torch.float32, torch.float64) and dtype != images.dtype:
+        images = images.to(dtype)
     n, _, height, width = images.shape
     out_h, out_w = (height, width) if output_size is None else (int(output_size[0]), int(output_size[1]))
     budget = _pixel_budget(images.device)
