@@ -136,6 +136,14 @@ def case_tta(args, have_toolbox: bool) -> None:
     print(f"  model forward passes: {timer.seconds:.2f} s in {timer.calls} batched calls of {total:.2f} s "
           f"-> everything else {100 * (total - timer.seconds) / total:.1f}% (target <= 10%)")
     if ref is not None:
+        from parity import reference_logits
+
+        # the toolbox's own network over the same crops, one at a time as its slide inference runs them
+        bare = ForwardTimer(lambda crops: torch.cat([reference_logits(ref, c[None]) for c in crops.cpu()]))
+        with torch.inference_mode():
+            infer_logits(bare, x.cpu(), num_classes=seg.card.num_classes, align_corners=False, **settings)
+        print(f"toolbox bare crop forwards: {bare.seconds:.2f} s; segtorch / bare: "
+              f"{med['segtorch'] / bare.seconds:.2f} (target <= 0.95)")
         print(f"toolbox fp32:  {med['toolbox']:.2f} s (runs {', '.join(f'{t:.2f}' for t in times['toolbox'])})")
         print(f"ratio toolbox / segtorch (fp32): {med['toolbox'] / med['segtorch']:.2f}x (target >= 1.3x); "
               f"relative error {relative_error(our_out.cpu(), ref_out):.1e}, label agreement "
