@@ -132,6 +132,15 @@ def case_tta(args, have_toolbox: bool) -> None:
     with torch.inference_mode():
         infer_logits(timer, x, num_classes=seg.card.num_classes, align_corners=False, **settings)
     total = time.perf_counter() - t0
+    if args.profile:  # where segtorch's fp32 time goes, by operator
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ours()
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ops)
+        print("profile (self CPU time): " + ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.1f}%"
+                                                       for e in ops[:8]))
     print(f"segtorch fp32: {med['segtorch']:.2f} s (runs {', '.join(f'{t:.2f}' for t in times['segtorch'])})")
     print(f"  model forward passes: {timer.seconds:.2f} s in {timer.calls} batched calls of {total:.2f} s "
           f"-> everything else {100 * (total - timer.seconds) / total:.1f}% (target <= 10%)")
@@ -230,6 +239,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compile on CPU)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print where segtorch's fp32 time goes, by operator")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     flags = cpu_flags()
