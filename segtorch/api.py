@@ -56,16 +56,19 @@ def _resolve_checkpoint(card: ModelCard, checkpoint: str | os.PathLike | None) -
 
 def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
          precision: str = "fp32", compile: bool = False, fuse_bn: bool | None = None,
-         auxiliary: bool = False) -> "Segmenter":
-    """A ready ``Segmenter`` for checkpoint ``name``: weights loaded, eval mode, on ``device``.
+         channels_last: bool | None = None, auxiliary: bool = False) -> "Segmenter":
+    """A ready ``Segmenter`` for checkpoint ``name``: weights loaded (in float32, whatever the file stores),
+    eval mode, on ``device``.
 
     ``checkpoint``: a local ``.pth``/``.safetensors`` file or a URL; by default the card's weights are fetched
-    (Hugging Face mirror first, then the GitHub release) and cached. ``precision="bf16"/"fp16"`` and
-    ``compile=True`` are opt-in speed; fp32 reproduces the toolbox's outputs. ``fuse_bn`` folds BatchNorm into
-    the convolutions before it and runs ``predict``/``logits`` in channels-last layout (same outputs to ~1e-6,
-    less work); by default on, except with ``auxiliary`` (fine-tuning); off keeps the module's state dict in the
-    toolbox's layout.
+    (Hugging Face mirror first, then the GitHub release) and cached. ``precision="bf16"/"fp16"`` (autocast
+    over float32 weights) and ``compile=True`` are opt-in speed; fp32 reproduces the toolbox's outputs.
+    ``fuse_bn`` folds BatchNorm into the convolution before it (``seg.model``'s state dict then differs from
+    the toolbox's layout); ``channels_last`` runs ``predict``/``logits`` in NHWC layout. Both change only
+    float32 rounding; None = the backbone's measured default (``segtorch.inference.fast_path``), and off
+    with ``auxiliary`` (fine-tuning).
     """
+    from .inference.fast_path import fast_path_defaults
     from .inference.precision import check_precision
     from .segmenter import Segmenter
 
@@ -75,15 +78,18 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     path = _resolve_checkpoint(card, checkpoint)
     model = meta_model(card, auxiliary)
     state, _ = load_for_model(path, model, keep=("auxiliary_decoder.",) if auxiliary else ())
-    model = _materialise(model, state).eval()
-    fast = fuse_bn if fuse_bn is not None else not auxiliary
-    if fast:
+    # a file stored in fp16/bf16 must not make the model run in that dtype: reduced precision is autocast's job
+    model = _materialise(model, state).float().eval()
+    if fuse_bn is None:
+        fuse_bn = not auxiliary and fast_path_defaults(card.architecture.get("backbone", {}).get("type"))[0]
+    if fuse_bn:
         from .inference.fuse import fold_batchnorm
 
         fold_batchnorm(model)
-    # the inference fast path also runs convolutions in channels-last layout (seg.model stays usable as is)
+    if auxiliary and channels_last is None:
+        channels_last = False
     return Segmenter(model.to(device), card, device=device, precision=precision, compile=compile,
-                     channels_last=fast)
+                     channels_last=channels_last)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, name: str, *, auxiliary: bool = False

@@ -37,7 +37,7 @@ def test_predict_writes_outputs_and_reports_bad_files(tmp_path, checkpoint):
     assert res.returncode == 1
     errors = [line for line in res.stderr.splitlines() if line.startswith("segtorch: error:")]
     assert len(errors) == 2 and "missing.png" in errors[0] and "notes.jpg" in errors[1]
-    assert "1 of 3 images segmented" in res.stderr
+    assert "1 of 3 inputs segmented" in res.stderr
     names = sorted(p.name for p in out.iterdir())
     assert names == ["scene_color.png", "scene_labels.png", "scene_legend.png", "scene_overlay.png"]
     labels = np.array(Image.open(out / "scene_labels.png"))
@@ -72,3 +72,107 @@ def test_bf16_refused_clearly_where_unsupported(tmp_path, checkpoint):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
     res = run(img, "--model", NAME, "--checkpoint", checkpoint, "--precision", "bf16")
     assert res.returncode == 1 and "AVX512-BF16 or AMX" in res.stderr
+
+
+# ---- issue 14 / 17: naming, checking before loading, throughput options ---------------------------------------
+DEMO = "demo_pspnet_shapes"
+
+
+def _image(path, shape=(40, 56), seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*shape, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def main(*args):
+    from segtorch.cli import main as cli_main
+
+    return cli_main(["predict", *map(str, args)])
+
+
+def test_inputs_with_one_name_keep_their_own_results(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    inputs = [_image(a / "x.png", seed=1), _image(b / "x.png", seed=2), _image(a / "cat.jpg", seed=3),
+              _image(a / "cat.png", seed=4), _image(b / "dog.png", seed=5)]
+    out = tmp_path / "out"
+    assert main(a, b, "--model", DEMO, "--out", out, "--outputs", "labels") == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*_labels.png"))
+    assert len(written) == len(inputs), written
+    assert "5 of 5 inputs segmented" in capsys.readouterr().err
+    import segtorch
+
+    seg = segtorch.load(DEMO)
+    for src in inputs:  # each result is its own input's
+        match = [w for w in written if (out / w).exists() and
+                 (np.array(Image.open(out / w)) == seg.predict(src)).all()]
+        assert match, src
+
+
+def test_every_input_is_checked_before_a_model_loads(tmp_path, monkeypatch, capsys):
+    import segtorch
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded (or downloaded) for inputs that do not exist")
+
+    monkeypatch.setattr(segtorch, "load", no_load)
+    assert main(tmp_path / "nope.jpg", "--model", NAME, "--out", tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"segtorch: error: {tmp_path / 'nope.jpg'}: no such file or folder"
+
+
+def test_an_existing_path_with_glob_characters_is_a_path(tmp_path, capsys):
+    src = _image(tmp_path / "img[1].png")
+    _image(tmp_path / "img1.png", seed=9)  # what the pattern would match instead
+    out = tmp_path / "out"
+    assert main(src, "--model", DEMO, "--out", out, "--outputs", "labels") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["img[1]_labels.png"]
+
+
+@pytest.mark.parametrize("option", ["out", "device"])
+def test_bad_out_or_device_is_one_line(tmp_path, capsys, option):
+    src = _image(tmp_path / "a.png")
+    (tmp_path / "file").write_text("x")
+    args = ["--out", tmp_path / "file"] if option == "out" else ["--device", "gpu", "--out", tmp_path / "o"]
+    assert main(src, "--model", DEMO, *args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("segtorch: error: --")
+    assert ("existing file" in err) if option == "out" else ("'gpu'" in err and "cuda" in err)
+
+
+def test_results_under_out_are_not_inputs(tmp_path, capsys):
+    folder = tmp_path / "same"
+    _image(folder / "a.png")
+    for _ in range(2):
+        assert main(folder, "--model", DEMO, "--out", folder) == 0
+        assert "1 of 1 inputs segmented" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a_color.png", "a_labels.png", "a_overlay.png"]
+
+
+def test_truncated_jpeg_prints_only_our_line(tmp_path, capfd):
+    good = tmp_path / "full.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good, quality=90)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(good.read_bytes()[:-400])
+    assert main(cut, "--model", DEMO, "--out", tmp_path / "o") == 1
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    ours = ("segtorch: error:", f"{DEMO}: loaded", "0 of 1 inputs")
+    assert [line for line in lines if not line.startswith(ours)] == [], lines  # nothing from libjpeg
+    assert any(line.startswith("segtorch: error:") and "cut.jpg" in line for line in lines)
+
+
+def test_scores_and_output_choice_and_batches(tmp_path, capsys):
+    import segtorch
+
+    inputs = [_image(tmp_path / "in" / f"{i}.png", seed=i) for i in range(3)]
+    out = tmp_path / "out"
+    assert main(tmp_path / "in", "--model", DEMO, "--out", out, "--outputs", "labels", "--scores",
+                "--batch-size", "3", "--workers", "1") == 0
+    assert "images/s" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i}_{k}.png" for i in range(3)
+                                                           for k in ("labels", "scores"))
+    seg = segtorch.load(DEMO)
+    for i, src in enumerate(inputs):
+        labels, confidence = seg.predict(src, return_scores=True)
+        assert (np.array(Image.open(out / f"{i}_labels.png")) == labels).all()
+        stored = np.array(Image.open(out / f"{i}_scores.png")).astype(int)
+        assert np.abs(stored - np.rint(confidence * 255)).max() <= 1

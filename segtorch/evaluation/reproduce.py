@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--split", help="dataset split (default: the split the card reports on)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="fp32 reproduces the toolbox; bf16/fp16 are faster")
+                   help="fp32 reproduces the toolbox; bf16/fp16 are faster (the fp32 run is repeated to print "
+                        "their accuracy cost)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON (and Markdown beside it, .md)")
     p.add_argument("--markdown", metavar="OUT", help="where to write the Markdown table (default: beside --json)")
     p.add_argument("--workers", type=nonnegative_int, default=2, help="processes reading images ahead (default 2)")
@@ -138,6 +139,12 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
                                 limit=args.limit, split=args.split, device=args.device, precision=args.precision,
                                 workers=args.workers, progress=progress)
         print(result.table(), file=out, flush=True)
+        if args.precision != "fp32":  # what the faster precision costs, measured on the same images
+            exact = evaluate_model(card.name, args.data_root, checkpoint=args.checkpoint, tta=args.tta,
+                                   limit=args.limit, split=args.split, device=args.device, precision="fp32",
+                                   workers=args.workers, progress=progress)
+            print(f"accuracy cost of {args.precision}: mIoU {result.miou:.2f} vs fp32 {exact.miou:.2f} "
+                  f"({result.miou - exact.miou:+.2f})", file=out, flush=True)
         print(file=out)
         results.append(result)
     if len(results) > 1:

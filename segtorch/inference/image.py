@@ -57,6 +57,13 @@ def _read_file(path: Path) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot read ({e.strerror or e})") from None
     if size == 0:
         raise ImageReadError(f"{path}: empty file, not an image")
+    with open(path, "rb") as f:
+        head = f.read(2)
+        f.seek(max(size - 64, 0))
+        tail = f.read()
+    # before OpenCV sees it: libjpeg would print its own warning line about a cut-off file first
+    if _jpeg_looks_truncated(head, tail):
+        _check_complete(path.read_bytes(), str(path))
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)  # the toolbox's reader
     if bgr is None:  # e.g. a path OpenCV cannot open (non-ASCII on Windows) or a format it does not decode
         try:
@@ -64,22 +71,16 @@ def _read_file(path: Path) -> np.ndarray:
         except OSError as e:
             raise ImageReadError(f"{path}: cannot read ({e.strerror or e})") from None
         return _decode_bytes(data, str(path))
-    with open(path, "rb") as f:
-        head = f.read(2)
-        f.seek(max(size - 64, 0))
-        tail = f.read()
-    if _jpeg_looks_truncated(head, tail):
-        _check_complete(path.read_bytes(), str(path))
     return _bgr_to_rgb(bgr)
 
 
 def _decode_bytes(data: bytes, name: str) -> np.ndarray:
     if not data:
         raise ImageReadError(f"{name}: empty data, not an image")
+    if _jpeg_looks_truncated(data[:2], data[-64:]):
+        _check_complete(data, name)
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if bgr is not None:
-        if _jpeg_looks_truncated(data[:2], data[-64:]):
-            _check_complete(data, name)
         return _bgr_to_rgb(bgr)
     return _from_pil(_open_with_pillow(data, name), name)
 

@@ -56,6 +56,11 @@ def check_precision(device: torch.device | str, precision: str) -> None:
     raise RuntimeError(f"precision {precision!r} is not supported on device type {device.type!r}; use 'fp32'")
 
 
+def reduced_dtype(precision: str) -> torch.dtype:
+    """The torch dtype autocast computes in at ``precision`` ("bf16" or "fp16")."""
+    return _DTYPES[precision]
+
+
 def autocast_context(device: torch.device | str, precision: str = "fp32") -> contextlib.AbstractContextManager:
     """A context manager for running the model at ``precision`` on ``device`` ("fp32": no autocast)."""
     check_precision(device, precision)

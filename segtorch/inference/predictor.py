@@ -185,8 +185,10 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
     if images.ndim != 4:
         raise ValueError(f"images must be N x 3 x H x W, got shape {tuple(images.shape)}")
     dtype = _model_dtype(model)
-    if dtype is not None and dtype != images.dtype and dtype.is_floating_point:
-        images = images.to(dtype)  # the toolbox casts inputs to the parameters' dtype
+    # the toolbox casts inputs to the parameters' dtype; weights stored in bf16/fp16 for autocast (Segmenter's
+    # reduced-precision copy) leave the images in float32 for the resizes, as autocast does
+    if dtype in (torch.float32, torch.float64) and dtype != images.dtype:
+        images = images.to(dtype)
     n, _, height, width = images.shape
     out_h, out_w = (height, width) if output_size is None else (int(output_size[0]), int(output_size[1]))
     budget = _pixel_budget(images.device)
@@ -224,16 +226,39 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def class_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """N x H x W int32 index of the best class (the first of tied ones) of scores N x C x H x W. Reducing over
+    the channels of an NCHW tensor strides through memory (10x slower on the CPU than the channels-last copy)."""
+    return scores.contiguous(memory_format=torch.channels_last).argmax(dim=1).to(torch.int32)
+
+
+def labels_and_confidence(scores: torch.Tensor, probabilities: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """N x H x W int32 labels and float32 max class probability from averaged scores N x C x H x W
+    (``probabilities``: already averaged probabilities, as ``softmax_before_resize`` gives)."""
+    scores = scores.contiguous(memory_format=torch.channels_last)
+    labels = scores.argmax(dim=1, keepdim=True)  # argmax: the first of tied classes, as predict picks it
+    best = scores.gather(1, labels)
+    labels = labels[:, 0].to(torch.int32)
+    if probabilities:
+        return labels, best[:, 0]
+    # max softmax = 1 / sum(exp(s - max)), without a second full-size tensor
+    return labels, (scores - best).exp_().sum(dim=1).reciprocal_()
+
+
 def predict_labels(model: Model, image_rgb: ImageSource, *, resize: Mapping | None, mean: Sequence[float],
-                   std: Sequence[float], device: torch.device | str | None = None, **infer_kwargs) -> np.ndarray:
+                   std: Sequence[float], device: torch.device | str | None = None, return_scores: bool = False,
+                   **infer_kwargs):
     """H x W int32 label map at the image's own size: the toolbox's full test pipeline (read, Resize,
     Normalize, TTA scores resized back to the original size and averaged, argmax). ``image_rgb``: an HxWx3
-    uint8 RGB array, or anything ``read_image`` takes. ``infer_kwargs``: as for ``infer_logits``."""
+    uint8 RGB array, or anything ``read_image`` takes. ``infer_kwargs``: as for ``infer_logits``.
+    ``return_scores``: (labels, H x W float32 max class probability)."""
     image = image_rgb if isinstance(image_rgb, np.ndarray) and image_rgb.ndim == 3 and image_rgb.shape[2] == 3 \
         and image_rgb.dtype == np.uint8 else read_image(image_rgb)
     device = torch.device(device) if device is not None else _model_device(model)
     x = preprocess(image, resize, mean, std).to(device)
     with torch.inference_mode():
         scores = infer_logits(model, x, output_size=image.shape[:2], **infer_kwargs)
-        labels = scores[0].argmax(dim=0).to(torch.int32)
-    return labels.cpu().numpy()
+        if not return_scores:
+            return class_argmax(scores)[0].cpu().numpy()
+        labels, confidence = labels_and_confidence(scores, bool(infer_kwargs.get("softmax_before_resize")))
+    return labels[0].cpu().numpy(), confidence[0].cpu().numpy()

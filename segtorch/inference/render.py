@@ -45,6 +45,8 @@ def overlay(image_rgb: np.ndarray, labels: np.ndarray, palette: Palette, alpha: 
         raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} but labels are "
                          f"{np.shape(labels)[1]}x{np.shape(labels)[0]} (width x height)")
     mask = colorize(labels, palette)
+    if alpha == 0.5:  # (a + b) / 2 truncated, exactly what the float formula gives, in integers (5x faster)
+        return ((image.astype(np.uint16) + mask) >> 1).astype(np.uint8)
     blended = image.astype(np.float64) * (1.0 - alpha) + mask.astype(np.float64) * alpha
     return blended.astype(np.uint8)
 

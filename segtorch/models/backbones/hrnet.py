@@ -21,6 +21,7 @@ class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual connection (ResNet-18/34 block)."""
 
     expansion = 1
+    fold_pairs = (("conv1", "bn1"), ("conv2", "bn2"))  # (conv, its BatchNorm) for fuse_bn
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
                  downsample: nn.Module | None = None, norm_layer: NormLayer = nn.BatchNorm2d,
@@ -159,6 +160,8 @@ class HRNet(nn.Module):
 
     ``mcibi_version`` drops the activation after the first stem conv, as the MCIBI Cityscapes checkpoint expects.
     """
+
+    fold_pairs = (("conv1", "bn1"), ("conv2", "bn2"))  # (conv, its BatchNorm) for fuse_bn
 
     def __init__(self, arch: str = "hrnetv2_w48", in_channels: int = 3, multiscale_output: bool = True,
                  mcibi_version: bool = False, norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU,

@@ -21,6 +21,8 @@ class SplitAttentionConv2d(nn.Module):
     """A grouped conv producing ``radix`` candidate maps per channel, mixed by a softmax over the radix
     whose weights come from the globally pooled sum of the candidates (one SE-like gate per split)."""
 
+    fold_pairs = (("conv", "bn0"), ("fc1", "bn1"))  # (conv, its BatchNorm) for fuse_bn
+
     def __init__(self, in_channels: int, channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  dilation: int = 1, groups: int = 1, radix: int = 2, reduction_factor: int = 4,
                  norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
@@ -68,6 +70,8 @@ class SplitAttentionBottleneck(nn.Module):
     and downsamples afterwards with a 3x3 average pool. There is no ``bn2``: the split-attention conv
     normalises and activates internally, and its output goes to ``conv3`` without a further activation.
     """
+
+    fold_pairs = (("conv1", "bn1"), ("conv3", "bn3"))  # (conv, its BatchNorm) for fuse_bn
 
     expansion = 4
 

@@ -24,6 +24,7 @@ OUTSTRIDES = {
 
 class Bottleneck(nn.Module):
     expansion = 4
+    fold_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))  # (conv, its BatchNorm) for fuse_bn
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
                  downsample: nn.Module | None = None, norm_layer: NormLayer = nn.BatchNorm2d,
@@ -88,6 +89,7 @@ class ResNet(nn.Module):
     """ResNet-V1c (deep stem) with dilation; the toolbox's ``resnet{50,101}conv3x3stem``."""
 
     block = Bottleneck
+    fold_pairs = (("conv1", "bn1"),)  # (conv, its BatchNorm) for fuse_bn
 
     def __init__(self, depth: int = 101, outstride: int = 8, in_channels: int = 3, stem_channels: int = 64,
                  base_channels: int = 64, use_conv3x3_stem: bool = True, contract_dilation: bool = True,

@@ -1,0 +1,99 @@
+"""`segtorch predict` over a folder against the model's own forward passes, side by side in one run.
+
+    python benchmarks/predict_throughput.py [--images 48] [--size 640x480] [--threads 2] [--workers 2]
+                                            [--batch-size 4] [--outputs labels,color,overlay]
+
+Writes --images synthetic JPEGs (seeded shapes over noise), runs the command on the folder in a fresh process
+with the demo model (labels, colour map and overlay for each), and reads the time it reports beyond start-up
+and loading. Then, in this process, times the same model's forward passes over the same preprocessed images
+in the same batches. The ratio command / forwards is the overhead of reading, resizing scores back,
+rendering and writing that the workers did not hide (goal: at most 2).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "demo_pspnet_shapes"
+
+
+def write_images(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
+    rng = np.random.default_rng(0)
+    w, h = size
+    paths = []
+    for i in range(count):
+        image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(4):
+            x0, y0 = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
+            box = [x0, y0, x0 + int(rng.integers(40, w // 2)), y0 + int(rng.integers(40, h // 2))]
+            colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+            (draw.ellipse if i % 2 else draw.rectangle)(box, fill=colour)
+        paths.append(folder / f"img{i:03d}.jpg")
+        image.save(paths[-1], quality=90)
+    return paths
+
+
+def forward_seconds(paths: list[Path], batch_size: int) -> float:
+    """The model's forward passes alone over the preprocessed images, batched as the command batches them."""
+    import segtorch
+
+    seg = segtorch.load(MODEL)
+    prepared = [seg.prepare(p)[1] for p in paths]
+    batches = [torch.cat(prepared[i:i + batch_size]) for i in range(0, len(prepared), batch_size)]
+    with torch.inference_mode():
+        seg._forward(batches[0])  # warm-up, as the command's first batch is
+        t0 = time.perf_counter()
+        for b in batches:
+            seg._forward(b)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--size", default="640x480", help="W x H")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--outputs", default="labels,color,overlay")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    w, h = map(int, args.size.lower().split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        paths = write_images(folder, args.images, (w, h))
+        cmd = [sys.executable, "-c", f"import torch, sys; torch.set_num_threads({args.threads}); "
+               "from segtorch.cli import main; sys.exit(main(sys.argv[1:]))",
+               "predict", str(folder), "--model", MODEL, "--out", str(Path(tmp) / "out"),
+               "--outputs", args.outputs, "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ,
+                                                                        "PYTHONPATH": str(ROOT)})
+        wall = time.perf_counter() - t0
+        if res.returncode:
+            sys.exit(f"the command failed:\n{res.stderr}")
+        match = re.search(r"(\d+) of (\d+) inputs segmented in ([\d.]+)s", res.stderr)
+        command = float(match.group(3))
+        forwards = forward_seconds(paths, args.batch_size)
+    print(f"{args.images} images {w}x{h}, {MODEL}, outputs {args.outputs}, {args.threads} threads, "
+          f"{args.workers} workers, batch {args.batch_size}")
+    print(f"  command beyond start-up: {command:.2f} s ({args.images / command:.1f} images/s; whole process "
+          f"{wall:.1f} s)")
+    print(f"  model forward passes:    {forwards:.2f} s")
+    print(f"  ratio command / forwards: {command / forwards:.2f} (goal: at most 2)")
+
+
+if __name__ == "__main__":
+    main()
