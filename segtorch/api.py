@@ -19,20 +19,20 @@ def create_model(name: str, *, auxiliary: bool = False, device: str | torch.devi
 
     ``auxiliary=True`` also builds the training-only auxiliary head(s), for fine-tuning.
     """
-    from .models.segmentor import build_segmentor
+    from .models.segmentor import build_segmentation_model
 
     card = model_card(name)
     with torch.device(device or "cpu"):
-        model = build_segmentor(card.architecture, auxiliary=auxiliary)
+        model = build_segmentation_model(card.architecture, auxiliary=auxiliary)
     return model.eval()
 
 
 def _meta_model(card: ModelCard, auxiliary: bool) -> torch.nn.Module:
     """Build on the meta device: no memory and no random initialisation that the weights would overwrite."""
-    from .models.segmentor import build_segmentor
+    from .models.segmentor import build_segmentation_model
 
     with torch.device("meta"):
-        return build_segmentor(card.architecture, auxiliary=auxiliary)
+        return build_segmentation_model(card.architecture, auxiliary=auxiliary)
 
 
 def _materialise(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -1,12 +1,12 @@
 """``Segmenter``: a loaded model with its card, and the card's own test pipeline."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from .registry import ModelCard
-
-INFERENCE_KEYS = ("mode", "crop_size", "stride", "scales", "flip", "flip_pairs", "softmax_before_resize")
 
 
 class ChannelsLast(torch.nn.Module):
@@ -58,9 +58,7 @@ class Segmenter:
 
     def inference_settings(self, tta: bool = False, **overrides) -> dict:
         """The card's single-scale (or, with ``tta``, ms+flip) settings, with ``overrides`` that are not None."""
-        base = self.card.inference.get("tta", {}) if tta else self.card.inference
-        settings = {k: base.get(k) for k in INFERENCE_KEYS}
-        settings["flip_pairs"] = settings["flip_pairs"] or self.card.inference.get("flip_pairs") or ()
+        settings = dataclasses.asdict(self.card.inference.tta if tta else self.card.inference.default)
         settings.update({k: v for k, v in overrides.items() if v is not None})
         if settings["mode"] == "slide" and not settings["crop_size"]:
             # sliding asked of a whole-image card: the training crop, two thirds of it as the stride
@@ -79,7 +77,7 @@ class Segmenter:
                                            flip=flip)
         with torch.inference_mode(), self._autocast():
             scores = infer_logits(self._forward, images.to(self.device), num_classes=self.card.num_classes,
-                                  align_corners=self.card.architecture.get("align_corners", False), **settings)
+                                  align_corners=self.card.architecture["align_corners"], **settings)
         return scores.float()
 
     def predict(self, image, tta: bool = False, mode: str | None = None, crop_size=None,
@@ -92,9 +90,9 @@ class Segmenter:
 
         pre = self.card.preprocess
         with torch.inference_mode(), self._autocast():
-            return predict_labels(self._forward, read_image(image), resize=pre["resize"], mean=pre["mean"],
-                                  std=pre["std"], device=self.device, num_classes=self.card.num_classes,
-                                  align_corners=self.card.architecture.get("align_corners", False),
+            return predict_labels(self._forward, read_image(image), resize=pre.resize, mean=pre.mean,
+                                  std=pre.std, device=self.device, num_classes=self.card.num_classes,
+                                  align_corners=self.card.architecture["align_corners"],
                                   **self.inference_settings(tta, mode=mode, crop_size=crop_size,
                                                             stride=stride))
 

@@ -56,7 +56,7 @@ def tiny_pspnet(num_classes=3, seed=0):
     from segtorch.models.heads.psp import PSPNet
     from segtorch.models.segmentor import auxiliary_decoder
     torch.manual_seed(seed)
-    backbone = ResNet(depth=50, outstride=8, base_channels=4, stem_channels=8)
+    backbone = ResNet(depth=50, output_stride=8, base_channels=4, stem_channels=8)
     model = PSPNet(backbone, num_classes, in_channels=128, feats_channels=16, pool_scales=(1, 2),
                    selected_indices=(2, 3))
     model.set_auxiliary(auxiliary_decoder(64, 16, num_classes))

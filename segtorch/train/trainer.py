@@ -70,7 +70,7 @@ class TrainConfig:
         t = card.training
         values = dict(optimizer=dict(t["optimizer"]), scheduler=dict(t["scheduler"]), losses=dict(t["losses"]),
                       batch_size=t.get("batch_size_per_gpu", 2), epochs=t.get("epochs"),
-                      align_corners=card.architecture.get("align_corners", False), export_name=card.name)
+                      align_corners=card.architecture["align_corners"], export_name=card.name)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

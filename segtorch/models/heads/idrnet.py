@@ -21,13 +21,13 @@ the training-only sampling statistic, is not kept).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from ..layers import ActLayer, ConvNormAct, NormLayer
-from ..segmentor import Segmentor
+from ..segmentor import SegmentationModel
 from .aspp import ASPP
 from .psp import PyramidPoolingModule
 from .selfattention import SelfAttentionBlock
@@ -55,7 +55,7 @@ def decoder(in_channels: int, feats_channels: int, num_classes: int, dropout: fl
                          nn.Dropout2d(dropout), nn.Conv2d(feats_channels, num_classes, 1))
 
 
-class IDRNet(Segmentor):
+class IDRNet(SegmentationModel):
     def __init__(self, backbone: nn.Module, num_classes: int, in_channels: int = 2048, feats_channels: int = 512,
                  coarse_context: str | None = None, dilations: Sequence[int] = (1, 12, 24, 36),
                  pool_scales: Sequence[int] = (1, 2, 3, 6), fpn_in_channels_list: Sequence[int] | None = None,
@@ -67,9 +67,12 @@ class IDRNet(Segmentor):
                  selected_indices: Sequence[int] | None = None, align_corners: bool = False,
                  norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
         super().__init__(backbone, num_classes, selected_indices, align_corners)
+        self.check_channels("in_channels", in_channels, -1)
         use_fpn = fpn_in_channels_list is not None
         if use_fpn and coarse_context is None:
             raise ValueError("IDRNet's FPN sits on the coarse context: it needs coarse_context='aspp' or 'ppm'")
+        if use_fpn:  # the FPN's levels are the backbone features (the coarse context replaces the top one)
+            self.check_channels("fpn_in_channels_list", fpn_in_channels_list, range(len(fpn_in_channels_list)))
         if use_fpn and use_fpn_before == use_fpn_after:
             raise ValueError("IDRNet's FPN runs either before stage 1 or after it: set exactly one of "
                              "use_fpn_before / use_fpn_after")
@@ -126,26 +129,6 @@ class IDRNet(Segmentor):
             stage2_channels += context_channels + fpn_channels
         self.decoder_stage1 = decoder(stage1_channels, feats_channels, num_classes, dropout, norm_layer, act_layer)
         self.decoder_stage2 = decoder(stage2_channels, feats_channels, num_classes, dropout, norm_layer, act_layer)
-
-    @classmethod
-    def from_config(cls, arch: Mapping, **kwargs) -> "IDRNet":
-        head = dict(arch["head"])
-        context = dict(head.get("coarse_context") or {})
-        fpn = head.get("fpn") or {}
-        optional = {k: head[k] for k in ("use_fpn_before", "use_fpn_after", "use_sa_on_coarsecontext_before",
-                                         "use_sa_on_coarsecontext_after", "refine_coarsecontext_channels",
-                                         "refine_idcontext_channels", "force_stage1_use_oripr", "dropout",
-                                         "clsrelation_momentum", "dlclsreps_momentum") if k in head}
-        if "dilations" in context:
-            optional["dilations"] = context["dilations"]
-        if "pool_scales" in context:
-            optional["pool_scales"] = context["pool_scales"]
-        if fpn:
-            optional.update(fpn_in_channels_list=fpn["in_channels_list"], fpn_feats_channels=fpn["feats_channels"],
-                            fpn_out_channels=fpn["out_channels"])
-        return cls(num_classes=arch["num_classes"], in_channels=head["in_channels"],
-                   feats_channels=head["feats_channels"], coarse_context=context.get("type"),
-                   align_corners=arch["align_corners"], **optional, **kwargs)
 
     # ---- inference ----------------------------------------------------------------------------------------
     def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:

@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ActLayer, ConvNormAct, NormLayer, classifier, norm_layer_from_cfg
-from ..segmentor import Segmentor
+from ..layers import ActLayer, ConvNormAct, NormLayer, classifier, norm_by_name
+from ..segmentor import SegmentationModel
 from .aspp import ASPP
 from .psp import PyramidPoolingModule
 from .selfattention import SelfAttentionBlock, context_attention
@@ -127,38 +127,39 @@ class FeaturesMemory(nn.Module):
             dist.all_reduce(memory.div_(dist.get_world_size()), op=dist.ReduceOp.SUM)
 
 
-class MCIBI(Segmentor):
+class MCIBI(SegmentationModel):
     def __init__(self, backbone: nn.Module, num_classes: int, in_channels: int = 2048, feats_channels: int = 512,
                  transform_channels: int = 256, out_channels: int = 512, num_feats_per_cls: int = 1,
-                 use_hard_aggregate: bool = False, dropout: float = 0.1, context_type: str | None = "aspp",
-                 context_cfg: Mapping | None = None, downsample_cfg: Mapping | None = None,
-                 backbone_norm_channels: Sequence[int] | None = None, backbone_norm_cfg: Mapping | None = None,
+                 use_hard_aggregate: bool = False, dropout: float = 0.1, context: str | None = None,
+                 context_dilations: Sequence[int] = (1, 12, 24, 36), context_pool_scales: Sequence[int] = (1, 2, 3, 6),
+                 downsample_stride: int = 1, feature_norm: str | None = None, feature_norm_eps: float | None = None,
                  selected_indices: Sequence[int] | None = None, align_corners: bool = False,
                  norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
-        """``context_type``: "aspp" / "ppm" / None, the within-image context, built with ``context_cfg``
-        (``dilations`` / ``pool_scales``). ``downsample_cfg``: nn.Conv2d kwargs of the conv applied to every
-        selected backbone output when its stride is > 1. ``backbone_norm_channels`` / ``backbone_norm_cfg``: a
-        channel-wise norm (e.g. ``{"type": "LayerNorm", "eps": 1e-6}``) per selected backbone output."""
+        """``context``: "aspp" (with ``context_dilations``) / "ppm" (with ``context_pool_scales``) / None, the
+        within-image context. ``downsample_stride`` > 1: a strided 3x3 conv-norm-act applied to every selected
+        backbone output first (HRNet). ``feature_norm`` (e.g. "layernorm", ``feature_norm_eps``): a
+        channel-wise norm of every selected backbone output (ViT)."""
         super().__init__(backbone, num_classes, selected_indices, align_corners)
-        if backbone_norm_channels is not None:
-            make_norm = norm_layer_from_cfg(backbone_norm_cfg)
-            self.norm_layers = nn.ModuleList(make_norm(c) for c in backbone_norm_channels)
-        if downsample_cfg is not None and downsample_cfg.get("stride", 1) > 1:
-            self.downsample_backbone = nn.Sequential(nn.Conv2d(in_channels, in_channels, **downsample_cfg),
-                                                     norm_layer(in_channels), act_layer())
-        if context_type == "aspp":
-            self.context_within_image_module = ASPP(in_channels, feats_channels, (context_cfg or {})["dilations"],
-                                                    align_corners, norm_layer, act_layer)
-        elif context_type == "ppm":
-            self.context_within_image_module = PyramidPoolingModule(
-                in_channels, feats_channels, (context_cfg or {}).get("pool_scales", (1, 2, 3, 6)), align_corners,
-                norm_layer, act_layer)
-        elif context_type is not None:
-            raise ValueError(f"unknown context module {context_type!r}; known: aspp, ppm")
+        self.check_channels("in_channels", in_channels, -1)
+        if feature_norm is not None:
+            make_norm = norm_by_name(feature_norm, eps=feature_norm_eps)
+            self.norm_layers = nn.ModuleList(make_norm(c) for c in self.feature_channels)
+        if downsample_stride > 1:
+            self.downsample_backbone = nn.Sequential(
+                nn.Conv2d(in_channels, in_channels, 3, stride=downsample_stride, padding=1, bias=False),
+                norm_layer(in_channels), act_layer())
+        if context == "aspp":
+            self.context_within_image_module = ASPP(in_channels, feats_channels, context_dilations, align_corners,
+                                                    norm_layer, act_layer)
+        elif context == "ppm":
+            self.context_within_image_module = PyramidPoolingModule(in_channels, feats_channels, context_pool_scales,
+                                                                    align_corners, norm_layer, act_layer)
+        elif context is not None:
+            raise ValueError(f"unknown context module {context!r}; known: aspp, ppm")
         self.bottleneck = ConvNormAct(in_channels, feats_channels, 3, norm_layer=norm_layer, act_layer=act_layer)
         self.memory_module = FeaturesMemory(
             num_classes, feats_channels, transform_channels, out_channels,
-            use_context_within_image=context_type is not None, num_feats_per_cls=num_feats_per_cls,
+            use_context_within_image=context is not None, num_feats_per_cls=num_feats_per_cls,
             use_hard_aggregate=use_hard_aggregate, norm_layer=norm_layer, act_layer=act_layer)
         self.decoder_stage1 = nn.Sequential(
             *ConvNormAct(feats_channels, feats_channels, 1, norm_layer=norm_layer, act_layer=act_layer),
@@ -166,20 +167,6 @@ class MCIBI(Segmentor):
         self.decoder_stage2 = nn.Sequential(
             *ConvNormAct(out_channels, out_channels, 1, norm_layer=norm_layer, act_layer=act_layer),
             *classifier(out_channels, num_classes, dropout))
-
-    @classmethod
-    def from_config(cls, arch: Mapping, **kwargs) -> "MCIBI":
-        head = arch["head"]
-        context = head.get("context_within_image") or {}
-        norm_cfg = dict(head["norm_cfg"]) if "norm_cfg" in head else None
-        norm_channels = norm_cfg.pop("in_channels_list") if norm_cfg is not None else None
-        return cls(num_classes=arch["num_classes"], in_channels=head["in_channels"],
-                   feats_channels=head["feats_channels"], transform_channels=head["transform_channels"],
-                   out_channels=head["out_channels"], num_feats_per_cls=head.get("num_feats_per_cls", 1),
-                   use_hard_aggregate=head.get("use_hard_aggregate", False), dropout=head["dropout"],
-                   context_type=context["type"] if context.get("is_on") else None, context_cfg=context.get("cfg"),
-                   downsample_cfg=head.get("downsample_backbone"), backbone_norm_channels=norm_channels,
-                   backbone_norm_cfg=norm_cfg, align_corners=arch["align_corners"], **kwargs)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = super().features(x)
