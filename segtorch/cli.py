@@ -22,7 +22,7 @@ def cmd_list(args) -> int:
     cards = [model_card(n) for n in names]
     if args.json:
         print(json.dumps([{"name": c.name, "family": c.family, "dataset": c.dataset, "backbone": c.backbone,
-                           "reported": c.reported, "aliases": list(c.aliases), "demo": c.demo} for c in cards],
+                           "reported": dict(c.reported), "aliases": list(c.aliases), "demo": c.demo} for c in cards],
                          indent=2))
         return 0
     if not cards:
