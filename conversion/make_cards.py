@@ -215,7 +215,8 @@ def architecture(cfg: dict) -> dict:
     arch = {"model": MODELS[kind], "num_classes": cfg["num_classes"], "align_corners": cfg["align_corners"],
             "norm": norm_spec(cfg["norm_cfg"], "norm_cfg")["norm"],
             "activation": activation_spec(cfg["act_cfg"], "act_cfg"),
-            "backbone": backbone, "backbone_outputs": selected, "head": head_spec(kind, cfg["head"], backbone, selected)}
+            "backbone": backbone, "backbone_outputs": selected,
+            "head": head_spec(kind, cfg["head"], backbone, selected)}
     if cfg.get("auxiliary"):
         arch["auxiliary"] = auxiliary_spec(cfg["auxiliary"])
     return arch
@@ -334,7 +335,6 @@ def make_card(row: dict, entry: dict, cite: str | None = None) -> dict:
         "train_pipeline": train_steps,
         "pretrain": row["pretrain"] or None,
         "schedule": row["schedule"],
-        "eval_interval_epochs": cfg["eval_interval_epochs"],
     }
     if cfg["type"] == "MCIBI":
         training.update(memory_training(cfg["head"]))

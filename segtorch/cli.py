@@ -79,7 +79,9 @@ def cmd_info(args) -> int:
         source = f" [{card.inference.tta_source}]" if s is card.inference.tta else ""
         print(f"{label} {s.mode}{crop}, scales {list(s.scales)}, flip {s.flip}{source}")
     t = card.training
-    print(f"training:      {t.get('schedule')}, crop {t.get('crop_size')}, {t.get('optimizer', {}).get('type')}")
+    crop = list(t["crop_size"]) if t.get("crop_size") else None
+    print(f"training:      {t.get('schedule')}, crop {crop}, {t.get('optimizer', {}).get('type')}, batch "
+          f"{t.get('batch_size')} ({t.get('batch_size_per_gpu')} per GPU), from {t.get('pretrain') or 'scratch'}")
     return 0
 
 

@@ -93,7 +93,8 @@ class Inference:
     default: InferenceSettings
     tta: InferenceSettings
     tta_source: str
-    alternatives: Mapping[str, InferenceSettings] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    alternatives: Mapping[str, InferenceSettings] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
 
     @classmethod
     def from_table(cls, table: Mapping) -> "Inference":

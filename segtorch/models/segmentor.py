@@ -165,7 +165,7 @@ def build_segmentation_model(architecture: Mapping, auxiliary: bool = False,
         align_corners=architecture["align_corners"], norm_layer=norm, act_layer=act, **architecture["head"])
     if auxiliary and architecture.get("auxiliary"):
         specs = architecture["auxiliary"]
-        # the auxiliary heads read the feature maps before the last one, the last of them first
+        # the auxiliary heads read the feature maps just before the last one, in order
         last = len(model.feature_channels) - 1
         model.check_channels("the auxiliary heads' in_channels", [s["in_channels"] for s in specs],
                              range(last - len(specs), last))

@@ -162,8 +162,8 @@ class HRNet(nn.Module):
     """
 
     def __init__(self, arch: str = "hrnetv2_w48", in_channels: int = 3, multiscale_output: bool = True,
-                 first_stem_activation: bool = True, norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU,
-                 stages: Mapping[str, Mapping] | None = None):
+                 first_stem_activation: bool = True, norm_layer: NormLayer = nn.BatchNorm2d,
+                 act_layer: ActLayer = nn.ReLU, stages: Mapping[str, Mapping] | None = None):
         super().__init__()
         if stages is None:
             if arch not in ARCH_SETTINGS:
