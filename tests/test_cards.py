@@ -207,6 +207,14 @@ def test_a_head_that_does_not_fit_its_backbone_is_refused():
     with pytest.raises(segtorch.CardError, match="has 4 outputs"):
         build_segmentation_model(wrong)
     wrong = copy.deepcopy(arch)
+    wrong["head"]["pool_scale"] = [1, 2]
+    with pytest.raises(segtorch.CardError, match="architecture.head does not fit PSPNet: .*'pool_scale'"):
+        build_segmentation_model(wrong)
+    wrong = copy.deepcopy(arch)
+    wrong["backbone"]["outstride"] = 8
+    with pytest.raises(segtorch.CardError, match="architecture.backbone does not fit ResNet: .*'outstride'"):
+        build_segmentation_model(wrong)
+    wrong = copy.deepcopy(arch)
     wrong["model"] = "deeplabv9"
     with pytest.raises(segtorch.CardError, match="unknown model 'deeplabv9'"):
         build_segmentation_model(wrong)

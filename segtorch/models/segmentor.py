@@ -6,6 +6,7 @@ head's class scores at the head's output stride: the tensor the toolbox returns 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Mapping, Sequence
 
 import torch
@@ -137,6 +138,15 @@ def backbone_class(name: str) -> type[nn.Module]:
     return backbones[name]
 
 
+def _construct(cls: type, where: str, *args, **kwargs):
+    """``cls(*args, **kwargs)``, refusing arguments the constructor does not take with the card's key named."""
+    try:
+        inspect.signature(cls).bind(*args, **kwargs)
+    except TypeError as e:
+        raise CardError(f"the card's architecture.{where} does not fit {cls.__name__}: {e}") from None
+    return cls(*args, **kwargs)
+
+
 def _activation(spec: Mapping) -> ActLayer:
     return activation_by_name(spec["name"], negative_slope=spec.get("negative_slope"))
 
@@ -149,7 +159,7 @@ def build_backbone(spec: Mapping) -> nn.Module:
     kwargs["norm_layer"] = norm_by_name(kwargs.pop("norm"), eps=kwargs.pop("norm_eps", None))
     if "activation" in kwargs:  # else the backbone's own default (the heads' activation is not the backbone's)
         kwargs["act_layer"] = _activation(kwargs.pop("activation"))
-    return cls(**kwargs)
+    return _construct(cls, "backbone", **kwargs)
 
 
 def build_segmentation_model(architecture: Mapping, auxiliary: bool = False,
@@ -160,9 +170,10 @@ def build_segmentation_model(architecture: Mapping, auxiliary: bool = False,
     head reads) and ``auxiliary`` (training-only heads, built with ``auxiliary=True``)."""
     num_classes = architecture["num_classes"] if num_classes is None else num_classes
     norm, act = norm_by_name(architecture["norm"]), _activation(architecture["activation"])
-    model = model_class(architecture["model"])(
-        build_backbone(architecture["backbone"]), num_classes, selected_indices=architecture["backbone_outputs"],
-        align_corners=architecture["align_corners"], norm_layer=norm, act_layer=act, **architecture["head"])
+    model = _construct(model_class(architecture["model"]), "head", build_backbone(architecture["backbone"]),
+                       num_classes, selected_indices=architecture["backbone_outputs"],
+                       align_corners=architecture["align_corners"], norm_layer=norm, act_layer=act,
+                       **architecture["head"])
     if auxiliary and architecture.get("auxiliary"):
         specs = architecture["auxiliary"]
         # the auxiliary heads read the feature maps just before the last one, in order
