@@ -2,7 +2,9 @@
 
 A card is data only: everything segtorch knows about one published checkpoint (where its weights are, what
 it reported, the architecture's structural hyper-parameters, its test pipeline and inference settings, its
-training schedule). Names are validated before use and never reach the file system.
+training schedule). Cards are cached and shared, so they are read-only all the way down (frozen dataclasses,
+read-only mappings, tuples): no caller can change what the next lookup returns. ``card.to_dict()`` gives an
+editable copy. Names are validated before use and never reach the file system.
 """
 from __future__ import annotations
 
