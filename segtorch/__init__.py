@@ -10,8 +10,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (CheckpointError, ChecksumError, DatasetError, DownloadError, ImageReadError,  # noqa: E402
-                     OfflineError, SegtorchError, UnknownModelError, UsageError)
+from .errors import (CardError, CheckpointError, ChecksumError, DatasetError, DownloadError,  # noqa: E402
+                     ImageReadError, OfflineError, SegtorchError, UnknownModelError, UsageError)
 from .lazy import lazy_attributes  # noqa: E402
 from .registry import ModelCard, list_models, model_card  # noqa: E402  (no torch import)
 
@@ -22,7 +22,7 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "ModelCard", "list_models", "model_card", "SegtorchError", "UnknownModelError",
-           "CheckpointError", "DownloadError", "ChecksumError", "OfflineError", "ImageReadError", "DatasetError",
+           "CardError", "CheckpointError", "DownloadError", "ChecksumError", "OfflineError", "ImageReadError", "DatasetError",
            "UsageError", *_LAZY]
 
 

@@ -19,11 +19,11 @@ def create_model(name: str, *, auxiliary: bool = False, device: str | torch.devi
 
     ``auxiliary=True`` also builds the training-only auxiliary head(s), for fine-tuning.
     """
-    from .models.segmentor import build_segmentor
+    from .models.builder import build_segmentation_model
 
     card = model_card(name)
     with torch.device(device or "cpu"):
-        model = build_segmentor(card.architecture, auxiliary=auxiliary)
+        model = build_segmentation_model(card.architecture, auxiliary=auxiliary)
     return model.eval()
 
 
@@ -81,7 +81,7 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     # a file stored in fp16/bf16 must not make the model run in that dtype: reduced precision is autocast's job
     model = _materialise(model, state).float().eval()
     if fuse_bn is None:
-        fuse_bn = not auxiliary and fast_path_defaults(card.architecture.get("backbone", {}).get("type"))[0]
+        fuse_bn = not auxiliary and fast_path_defaults(card.architecture["backbone"]["name"])[0]
     if fuse_bn:
         from .inference.fuse import fold_batchnorm
 

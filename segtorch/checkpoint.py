@@ -263,10 +263,10 @@ def safetensors_metadata(name: str, source_sha256: str | None, report: Conversio
 def meta_model(card: "ModelCard", auxiliary: bool = False) -> torch.nn.Module:
     """The card's architecture on the meta device: no memory and no random initialisation that weights would
     overwrite; good for checking a file's keys and shapes, and for loading with ``assign=True``."""
-    from .models.segmentor import build_segmentor
+    from .models.builder import build_segmentation_model
 
     with torch.device("meta"):
-        return build_segmentor(card.architecture, auxiliary=auxiliary)
+        return build_segmentation_model(card.architecture, auxiliary=auxiliary)
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, card: "ModelCard", *,

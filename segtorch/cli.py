@@ -50,7 +50,7 @@ def cmd_list(args) -> int:
         return 1
     if args.json:
         print(json.dumps([{"name": c.name, "family": c.family, "dataset": c.dataset, "backbone": c.backbone,
-                           "reported": c.reported, "aliases": list(c.aliases), "demo": c.demo} for c in cards],
+                           "reported": dict(c.reported), "aliases": list(c.aliases), "demo": c.demo} for c in cards],
                          indent=2))
         return 0
     if args.markdown:
@@ -85,7 +85,7 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(card.to_dict(), indent=2))
         return 0
-    inf = card.inference
+    inf = card.inference.default
     print(f"name:          {card.name}" + (f"  (aliases: {', '.join(card.aliases)})" if card.aliases else ""))
     print(f"family:        {card.family} ({card.segmentor})")
     print(f"backbone:      {card.backbone}")
@@ -97,19 +97,18 @@ def cmd_info(args) -> int:
     for label, value in describe(card).items():
         if value is not None:
             print(f"{label + ':':<15}{value}")
-    resize = card.preprocess["resize"]
-    print(f"test resize:   {resize.get('output_size')} keep_ratio={resize.get('keep_ratio')}; "
-          f"mean {card.preprocess['mean']} std {card.preprocess['std']} ({card.preprocess['channel_order']})")
-    crop = f", crop {inf['crop_size']} stride {inf['stride']}" if inf.get("mode") == "slide" else ""
-    print(f"inference:     {inf['mode']}{crop}, scales {inf['scales']}, flip {inf['flip']}")
-    tta = inf.get("tta", {})
-    if tta:
-        crop = f", crop {tta.get('crop_size')} stride {tta.get('stride')}" if tta.get("mode") == "slide" else ""
-        print(f"tta:           {tta.get('mode')}{crop}, scales {tta.get('scales')}, flip {tta.get('flip')} "
-              f"[{tta.get('source')}]")
+    pre = card.preprocess
+    print(f"test resize:   {list(pre.output_size)} keep_ratio={pre.keep_ratio}; "
+          f"mean {list(pre.mean)} std {list(pre.std)} (RGB)")
+    for label, s in (("inference:    ", inf), ("tta:          ", card.inference.tta)):
+        crop = f", crop {list(s.crop_size)} stride {list(s.stride)}" if s.mode == "slide" else ""
+        source = f" [{card.inference.tta_source}]" if s is card.inference.tta else ""
+        print(f"{label} {s.mode}{crop}, scales {list(s.scales)}, flip {s.flip}{source}")
     t = card.training
+    crop = list(t["crop_size"]) if t.get("crop_size") else None
     schedule = t.get("schedule") or (f"{t['epochs']} epochs" if t.get("epochs") else "unknown schedule")
-    print(f"training:      {schedule}, crop {t.get('crop_size')}, {t.get('optimizer', {}).get('type')}")
+    print(f"training:      {schedule}, crop {crop}, {t.get('optimizer', {}).get('type')}, batch "
+          f"{t.get('batch_size')} ({t.get('batch_size_per_gpu')} per GPU), from {t.get('pretrain') or 'scratch'}")
     if t.get("command"):
         print(f"trained with:  {t['command']}")
     return 0

@@ -44,3 +44,7 @@ class DatasetError(SegtorchError, ValueError):
 
 class UsageError(SegtorchError, ValueError):
     """An argument value that makes no sense (a negative iteration count, an unknown device, ...)."""
+
+
+class CardError(SegtorchError, ValueError):
+    """A model card that cannot describe a model (an unknown name, a head that does not fit its backbone)."""

@@ -2,7 +2,9 @@
 
 A card is data only: everything segtorch knows about one published checkpoint (where its weights are, what
 it reported, the architecture's structural hyper-parameters, its test pipeline and inference settings, its
-training schedule). Names are validated before use and never reach the file system.
+training schedule). Cards are cached and shared, so they are read-only all the way down (frozen dataclasses,
+read-only mappings, tuples): no caller can change what the next lookup returns. ``card.to_dict()`` gives an
+editable copy. Names are validated before use and never reach the file system.
 """
 from __future__ import annotations
 
@@ -14,16 +16,99 @@ import functools
 import os
 import re
 import sys
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 from .errors import UnknownModelError  # noqa: F401 - re-exported
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 HF_ORG_ENV = "SEGTORCH_HF_ORG"
 
 
+def freeze(value):
+    """A read-only copy: mappings -> ``MappingProxyType``, lists -> tuples, all the way down."""
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value):
+    """Plain dicts and lists again (for JSON and for callers that want to edit a copy)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: thaw(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thaw(v) for v in value]
+    return value
+
+
+def _pair(value) -> tuple[int, int] | None:
+    return None if value is None else tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """The test pipeline before the network: resize (the toolbox's test-time ``Resize``), then normalise
+    the RGB image with ``mean``/``std`` (0-255 scale)."""
+    output_size: tuple[int, int]
+    keep_ratio: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_table(cls, table: Mapping) -> "Preprocess":
+        return cls(output_size=_pair(table["output_size"]), keep_ratio=table["keep_ratio"],
+                   mean=tuple(table["mean"]), std=tuple(table["std"]))
+
+    @property
+    def resize(self) -> dict:
+        return {"output_size": self.output_size, "keep_ratio": self.keep_ratio}
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+    """One way to run the network over an image: ``whole`` or ``slide`` (``crop_size``/``stride``, h x w),
+    at ``scales`` with or without ``flip`` (swapping the ``flip_pairs`` classes of flipped predictions),
+    averaging probabilities or scores (``softmax_before_resize``)."""
+    mode: str
+    scales: tuple[float, ...]
+    flip: bool
+    softmax_before_resize: bool
+    crop_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    flip_pairs: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def from_table(cls, table: Mapping) -> "InferenceSettings":
+        return cls(mode=table["mode"], scales=tuple(float(s) for s in table["scales"]), flip=table["flip"],
+                   softmax_before_resize=table["softmax_before_resize"], crop_size=_pair(table.get("crop_size")),
+                   stride=_pair(table.get("stride")), flip_pairs=tuple(map(tuple, table.get("flip_pairs", ()))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Inference:
+    """The checkpoint's single-scale test settings (``default``), its multi-scale + flip ones (``tta``, with
+    ``tta_source`` saying where they come from) and every other setting the toolbox's config names."""
+    default: InferenceSettings
+    tta: InferenceSettings
+    tta_source: str
+    alternatives: Mapping[str, InferenceSettings] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
+
+    @classmethod
+    def from_table(cls, table: Mapping) -> "Inference":
+        alternatives = {k: InferenceSettings.from_table(v) for k, v in table.get("alternatives", {}).items()}
+        return cls(default=InferenceSettings.from_table(table["default"]),
+                   tta=InferenceSettings.from_table(table["tta"]), tta_source=table["tta_source"],
+                   alternatives=types.MappingProxyType(alternatives))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelCard:
+    """Everything known about one checkpoint; read-only all the way down."""
     name: str
     family: str
     dataset: str
@@ -32,29 +117,25 @@ class ModelCard:
     class_names: tuple[str, ...]
     palette: tuple[tuple[int, int, int], ...]
     url: str | None
-    hub: dict | None
+    hub: Mapping | None
     sha256: str | None
-    reported: dict
-    architecture: dict
-    preprocess: dict
-    inference: dict
-    training: dict
+    reported: Mapping
+    architecture: Mapping  # the arguments of segtorch.models.builder.build_segmentation_model
+    preprocess: Preprocess
+    inference: Inference
+    training: Mapping
     aliases: tuple[str, ...] = ()
     segmentor: str | None = None
     dataset_title: str | None = None
     reported_split: str | None = None
-    upstream_config: str | None = None
+    upstream_config: str | None = None  # provenance: the toolbox config the card was translated from
     citation: str | None = None
     license: str | None = None
     demo: bool = False
     weights: str | None = None  # weights shipped inside the package (demo models), relative to the cards folder
 
-    @property
-    def miou(self) -> float | None:
-        return self.reported.get("miou")
-
     def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(dataclasses.asdict(self))
+        return thaw(self)
 
 
 def cards_dir() -> Path:
@@ -130,11 +211,17 @@ def _family(path: Path) -> dict[str, ModelCard]:
             entry["sha256"] = sums["pth"]
         if sums.get("safetensors") and entry.get("hub"):
             entry["hub"] = {**entry["hub"], "sha256": sums["safetensors"]}
-        cards[name] = ModelCard(
-            name=name, class_names=tuple(ds["class_names"]), palette=tuple(map(tuple, ds["palette"])),
-            dataset_title=ds.get("title"), aliases=tuple(entry.pop("aliases", ())),
-            url=entry.pop("url", None), hub=entry.pop("hub", None), sha256=entry.pop("sha256", None),
-            reported={k: reported.get(k) for k in ("miou", "miou_flip", "miou_ms_flip")}, **entry)
+        try:
+            cards[name] = ModelCard(
+                name=name, class_names=tuple(ds["class_names"]), palette=tuple(map(tuple, ds["palette"])),
+                dataset_title=ds.get("title"), aliases=tuple(entry.pop("aliases", ())),
+                url=entry.pop("url", None), hub=freeze(entry.pop("hub", None)), sha256=entry.pop("sha256", None),
+                reported=freeze({k: reported.get(k) for k in ("miou", "miou_flip", "miou_ms_flip")}),
+                architecture=freeze(entry.pop("architecture")), training=freeze(entry.pop("training")),
+                preprocess=Preprocess.from_table(entry.pop("preprocess")),
+                inference=Inference.from_table(entry.pop("inference")), **entry)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: model {name!r}: incomplete card ({type(e).__name__}: {e})") from None
     return cards
 
 
@@ -173,7 +260,7 @@ def _hub_with_org(card: ModelCard) -> ModelCard:
     if not org or not card.hub:
         return card
     repo = f"{org}/{card.hub['repo'].split('/', 1)[-1]}"
-    return dataclasses.replace(card, hub={**card.hub, "repo": repo})
+    return dataclasses.replace(card, hub=freeze({**card.hub, "repo": repo}))
 
 
 def resolve_name(name: str) -> str:

@@ -1,12 +1,12 @@
 """``Segmenter``: a loaded model with its card, and the card's own test pipeline."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from .registry import ModelCard
-
-INFERENCE_KEYS = ("mode", "crop_size", "stride", "scales", "flip", "flip_pairs", "softmax_before_resize")
 
 
 class ChannelsLast(torch.nn.Module):
@@ -56,7 +56,7 @@ class Segmenter:
         self.card = card
         self.precision = precision
         if channels_last is None:
-            channels_last = fast_path_defaults(card.architecture.get("backbone", {}).get("type"), precision)[1]
+            channels_last = fast_path_defaults(card.architecture["backbone"]["name"], precision)[1]
         self.channels_last = channels_last
         forward = model if precision == "fp32" else reduced_precision_copy(model, reduced_dtype(precision))
         self._forward = ChannelsLast(forward) if channels_last else forward
@@ -79,9 +79,7 @@ class Segmenter:
 
     def inference_settings(self, tta: bool = False, **overrides) -> dict:
         """The card's single-scale (or, with ``tta``, ms+flip) settings, with ``overrides`` that are not None."""
-        base = self.card.inference.get("tta", {}) if tta else self.card.inference
-        settings = {k: base.get(k) for k in INFERENCE_KEYS}
-        settings["flip_pairs"] = settings["flip_pairs"] or self.card.inference.get("flip_pairs") or ()
+        settings = dataclasses.asdict(self.card.inference.tta if tta else self.card.inference.default)
         settings.update({k: v for k, v in overrides.items() if v is not None})
         if settings["mode"] == "slide" and not settings["crop_size"]:
             # sliding asked of a whole-image card: the training crop, two thirds of it as the stride
@@ -110,7 +108,7 @@ class Segmenter:
         x, size = self._as_batch(images)
         with torch.inference_mode(), self._autocast():
             scores = infer_logits(self._forward, x.to(self.device), num_classes=self.card.num_classes,
-                                  align_corners=self.card.architecture.get("align_corners", False),
+                                  align_corners=self.card.architecture["align_corners"],
                                   output_size=output_size or size, **settings)
         return scores.float()
 
@@ -125,7 +123,7 @@ class Segmenter:
         if not isinstance(images, torch.Tensor):  # an image: the card's own test pipeline
             image = read_image(images)
             pre = self.card.preprocess
-            return preprocess(image, pre["resize"], pre["mean"], pre["std"]), image.shape[:2]
+            return preprocess(image, pre.resize, pre.mean, pre.std), image.shape[:2]
         if images.ndim == 3:
             images = images[None]
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
@@ -155,7 +153,7 @@ class Segmenter:
 
         image = read_image(image)
         pre = self.card.preprocess
-        return image, preprocess(image, pre["resize"], pre["mean"], pre["std"])
+        return image, preprocess(image, pre.resize, pre.mean, pre.std)
 
     def predict_prepared(self, batch: torch.Tensor, size, tta: bool = False, mode: str | None = None,
                          crop_size=None, stride=None, return_scores: bool = False) -> list:
@@ -166,7 +164,7 @@ class Segmenter:
         settings = self.inference_settings(tta, mode=mode, crop_size=crop_size, stride=stride)
         with torch.inference_mode(), self._autocast():
             scores = infer_logits(self._forward, batch.to(self.device), num_classes=self.card.num_classes,
-                                  align_corners=self.card.architecture.get("align_corners", False),
+                                  align_corners=self.card.architecture["align_corners"],
                                   output_size=tuple(size), **settings)
             if not return_scores:
                 return list(class_argmax(scores).cpu().numpy())

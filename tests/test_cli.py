@@ -34,7 +34,7 @@ def test_info():
     assert out.returncode == 0
     assert "idrnet_upernet_swinlarge_ade20k" in out.stdout and "slide, crop [640, 640]" in out.stdout
     card = json.loads(segtorch("info", "isnet_resnet50os8_lip", "--json").stdout)
-    assert card["inference"]["flip_pairs"] == [[15, 14], [17, 16], [19, 18]]
+    assert card["inference"]["tta"]["flip_pairs"] == [[15, 14], [17, 16], [19, 18]]
 
 
 def test_bad_name_is_one_line_and_nonzero():

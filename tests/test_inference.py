@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from parity import relative_error, seeded_state_dict, upstream_configs
+from parity import relative_error, seeded_state_dict
 from segtorch.inference import (ImageReadError, autocast_context, colorize, fold_batchnorm, infer_logits, legend,
                                 overlay, predict_labels, preprocess, read_image, resized_size, slide_windows)
 from segtorch.inference import precision as precision_mod
@@ -67,13 +67,13 @@ def toolbox_only(test):
 # ---- segtorch's side of the parity cases (computed once per session) -----------------------------------------
 @functools.lru_cache(maxsize=2)
 def our_model(head: str) -> nn.Module:
-    from segtorch.models.segmentor import build_segmentor
-
     if head == "lip":  # the same network with a 20-class classifier
         model = copy.deepcopy(our_model("ade"))
         model.load_state_dict(rec.use_lip_head(model, model.state_dict()), strict=True)
         return model.eval()
-    model = build_segmentor(upstream_configs()[rec.CONFIG]["segmentor_cfg"]).eval()
+    from segtorch.api import create_model
+
+    model = create_model(rec.CONFIG)  # the card's architecture, eval mode
     model.load_state_dict(seeded_state_dict(model.state_dict()), strict=True)
     return model
 

@@ -53,7 +53,7 @@ def tiny_pspnet(num_classes=3, seed=0):
     from segtorch.models.heads.psp import PSPNet
     from segtorch.models.segmentor import auxiliary_decoder
     torch.manual_seed(seed)
-    backbone = ResNet(depth=50, outstride=8, base_channels=4, stem_channels=8)
+    backbone = ResNet(depth=50, output_stride=8, base_channels=4, stem_channels=8)
     model = PSPNet(backbone, num_classes, in_channels=128, feats_channels=16, pool_scales=(1, 2),
                    selected_indices=(2, 3))
     model.set_auxiliary(auxiliary_decoder(64, 16, num_classes))
@@ -340,12 +340,12 @@ def test_fine_tuning_with_other_classes_starts_the_training_state_afresh(name, t
     """A published model's memory / class relations / representations are per class: with another number of
     classes they start as in a fresh toolbox model (and the log says so); the rest is loaded."""
     import segtorch
-    from segtorch.models.segmentor import build_segmentor
+    from segtorch.models.builder import build_segmentation_model
     from segtorch.train.commands import build_model
 
     card = segtorch.model_card(name)
     torch.manual_seed(0)
-    source = build_segmentor(card.architecture, auxiliary=True)
+    source = build_segmentation_model(card.architecture, auxiliary=True)
     state = source.state_dict()
     for key in ("memory_module.memory", "class_relations_mean", "class_relations_var", "dl_cls_representations"):
         if key in state:

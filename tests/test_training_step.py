@@ -422,7 +422,7 @@ def reference_schedule(name: str) -> dict:
 
 
 def segtorch_schedule(name: str) -> dict:
-    from segtorch.models.segmentor import build_segmentor
+    from segtorch.models.builder import build_segmentation_model
     from segtorch.registry import model_card
     from segtorch.train import TrainConfig, build_optimizer
     from segtorch.train.optim import PolySchedule
@@ -430,7 +430,7 @@ def segtorch_schedule(name: str) -> dict:
     card = model_card(name)
     config = TrainConfig.from_card(card)
     with torch.device("meta"):
-        model = build_segmentor(card.architecture, auxiliary=True)
+        model = build_segmentation_model(card.architecture, auxiliary=True)
     optimizer = build_optimizer(model, config.optimizer)
     schedule = PolySchedule.from_config(config.scheduler, config.optimizer["lr"],
                                         SCHEDULE_EPOCHS * SCHEDULE_ITERS_PER_EPOCH)

@@ -67,8 +67,7 @@ def reported_for(card, tta: bool) -> float | None:
     r = card.reported
     if not tta:
         return r.get("miou")
-    scales = card.inference.get("tta", {}).get("scales") or []
-    if list(scales) == [1.0] or list(scales) == [1]:
+    if list(card.inference.tta.scales) == [1.0]:
         return r.get("miou_flip") if r.get("miou_flip") is not None else r.get("miou_ms_flip")
     return r.get("miou_ms_flip") if r.get("miou_ms_flip") is not None else r.get("miou_flip")
 

@@ -13,21 +13,22 @@ hold every checkpoint to that:
 """
 from __future__ import annotations
 
-# backbone type -> (fuse_bn, channels_last); measured with benchmarks/fast_path.py (see README, Benchmarks)
+# a card's architecture.backbone.name -> (fuse_bn, channels_last); measured with benchmarks/fast_path.py
+# (see README, Benchmarks)
 DEFAULTS: dict[str, tuple[bool, bool]] = {
-    "ResNet": (True, True),
-    "ResNeSt": (True, True),
-    "HRNet": (True, False),
-    "VisionTransformer": (True, False),  # folds the heads' ConvNormAct only
-    "SwinTransformer": (True, False),
+    "resnet": (True, True),
+    "resnest": (True, True),
+    "hrnet": (True, False),
+    "vit": (True, False),  # folds the heads' ConvNormAct only
+    "swin": (True, False),
 }
 
 
-def fast_path_defaults(backbone_type: str | None, precision: str = "fp32") -> tuple[bool, bool]:
-    """(fuse_bn, channels_last) for a backbone type; an unknown backbone gets neither. At bf16/fp16 the
+def fast_path_defaults(backbone: str, precision: str = "fp32") -> tuple[bool, bool]:
+    """(fuse_bn, channels_last) for a card's backbone name (``architecture.backbone.name``). At bf16/fp16 the
     convolutions' own rounding (~1e-3) dwarfs the layout's, and oneDNN's reduced-precision kernels are
     ~20% faster in channels-last: HRNet runs channels-last there too."""
-    fuse, channels_last = DEFAULTS.get(backbone_type or "", (False, False))
-    if precision != "fp32" and backbone_type == "HRNet":
+    fuse, channels_last = DEFAULTS[backbone]  # a backbone without measured defaults is a bug: add it above
+    if precision != "fp32" and backbone == "hrnet":
         channels_last = True
     return fuse, channels_last

@@ -8,43 +8,38 @@ keeps published state dicts loadable without renaming.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch.nn as nn
 
 NormLayer = Callable[[int], nn.Module]
 ActLayer = Callable[[], nn.Module]
 
-_NORMS = {
-    "BatchNorm2d": nn.BatchNorm2d,
-    # SyncBatchNorm only differs while training on several GPUs; inference uses plain BatchNorm
-    # (the trainer converts with nn.SyncBatchNorm.convert_sync_batchnorm when asked).
-    "SyncBatchNorm": nn.BatchNorm2d,
-    "LayerNorm": nn.LayerNorm,
-}
-_ACTS = {"ReLU": nn.ReLU, "LeakyReLU": nn.LeakyReLU, "GELU": nn.GELU}
+# a card's normalisation names -> layer classes. SyncBatchNorm only differs while training on several GPUs;
+# inference uses plain BatchNorm (the trainer converts with nn.SyncBatchNorm.convert_sync_batchnorm when asked).
+NORMS = {"batchnorm": nn.BatchNorm2d, "syncbatchnorm": nn.BatchNorm2d, "layernorm": nn.LayerNorm}
+ACTIVATIONS = {"relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "gelu": nn.GELU}
 
 
-def norm_layer_from_cfg(cfg: Mapping | None) -> NormLayer:
-    """``{"type": "SyncBatchNorm"}`` / ``{"type": "LayerNorm", "eps": 1e-6}`` -> ``channels -> module``."""
-    if cfg is None:
-        return lambda channels: nn.Identity()
-    cfg = dict(cfg)
-    kind = cfg.pop("type")
-    if kind not in _NORMS:
-        raise ValueError(f"unsupported normalisation layer {kind!r}; known: {sorted(_NORMS)}")
-    return functools.partial(_NORMS[kind], **cfg)
+def norm_by_name(name: str, eps: float | None = None) -> NormLayer:
+    """``"batchnorm"`` / ``"syncbatchnorm"`` / ``"layernorm"`` (with an optional ``eps``) -> ``channels -> module``."""
+    if name not in NORMS:
+        raise ValueError(f"unknown normalisation {name!r}; known: {', '.join(NORMS)}")
+    return functools.partial(NORMS[name], eps=eps) if eps is not None else NORMS[name]
 
 
-def act_layer_from_cfg(cfg: Mapping | None) -> ActLayer:
-    """``{"type": "ReLU", "inplace": True}`` -> ``() -> module``."""
-    if cfg is None:
-        return nn.Identity
-    cfg = dict(cfg)
-    kind = cfg.pop("type")
-    if kind not in _ACTS:
-        raise ValueError(f"unsupported activation {kind!r}; known: {sorted(_ACTS)}")
-    return functools.partial(_ACTS[kind], **cfg)
+def activation_by_name(name: str, negative_slope: float | None = None, inplace: bool = True) -> ActLayer:
+    """``"relu"`` / ``"leakyrelu"`` (with ``negative_slope``) / ``"gelu"`` -> ``() -> module``."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+    if name == "gelu":
+        return nn.GELU
+    kwargs = {"inplace": inplace}
+    if negative_slope is not None:
+        if name != "leakyrelu":
+            raise ValueError(f"negative_slope is a leakyrelu setting, not one of {name!r}")
+        kwargs["negative_slope"] = negative_slope
+    return functools.partial(ACTIVATIONS[name], **kwargs)
 
 
 def not_inplace(act_layer: ActLayer) -> ActLayer:

@@ -104,12 +104,9 @@ def build_model(card, num_classes: int, init: str, log=print):
     import torch
 
     from ..checkpoint import adapt_state_dict, read_file
-    from ..models.segmentor import build_segmentor
-    from ..registry import deep_merge
+    from ..models.builder import build_segmentation_model
 
-    arch = card.architecture if num_classes == card.num_classes else deep_merge(card.architecture,
-                                                                                {"num_classes": num_classes})
-    model = build_segmentor(arch, auxiliary=True)
+    model = build_segmentation_model(card.architecture, auxiliary=True, num_classes=num_classes)
     if init == "scratch":
         log("init: random weights (no pretrained backbone)")
         return model

@@ -21,12 +21,12 @@ def training_losses(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                     learning_rate: float, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(total, parts)`` of one training step of ``model`` (in train mode) on ``images`` (N, 3, H, W) and
     ``labels`` (N, H, W int64, -100 unlabelled). ``card``: anything with the card's ``architecture`` (its
-    ``head`` settings) and ``training`` (its ``losses``); ``learning_rate``: this step's scheduled rate (before
+    ``align_corners``) and ``training`` (its ``losses``, MCIBI's ``memory_update``/``memory_loss``); ``learning_rate``: this step's scheduled rate (before
     the groups' multipliers); ``epoch``: counted from 1, as the toolbox does. ``parts`` are detached."""
     architecture = getattr(card, "architecture", None) or {}
     losses_cfg = (getattr(card, "training", None) or {}).get("losses") or DEFAULT_LOSSES
     if hasattr(model, "train_forward"):
-        preds, extra = model.train_forward(images, labels, head_cfg=architecture.get("head") or {},
+        preds, extra = model.train_forward(images, labels, training=getattr(card, "training", None) or {},
                                            learning_rate=learning_rate, epoch=epoch)
     else:  # any module: its output is the main head's scores (or a dict of them)
         out = model(images)

@@ -41,6 +41,10 @@ from .optim import PolySchedule, build_optimizer, clip_gradients
 CHECKPOINT_FORMAT = "segtorch-train-1"
 
 
+# card.training entries that a family's train_forward reads
+FAMILY_TRAINING_KEYS = ("memory_update", "memory_loss")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     work_dir: str = "work_dirs/segtorch"
@@ -54,7 +58,7 @@ class TrainConfig:
     losses: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_LOSSES))
     align_corners: bool = False
     clip_grad: dict | None = None  # the scheduler's clipgrad_cfg, e.g. {"max_norm": 35, "norm_type": 2}
-    head: dict | None = None  # the card's head settings (MCIBI's memory update, IDRNet's momenta ...)
+    family_settings: dict | None = None  # the card's family training settings (MCIBI's memory_update/_loss)
     amp: str = "none"  # "fp16" | "bf16" (CUDA)
     num_workers: int = 2
     seed: int = 0
@@ -73,8 +77,9 @@ class TrainConfig:
         t = card.training
         values = dict(optimizer=dict(t["optimizer"]), scheduler=dict(t["scheduler"]), losses=dict(t["losses"]),
                       batch_size=t.get("batch_size_per_gpu", 2), epochs=t.get("epochs"),
-                      clip_grad=t["scheduler"].get("clipgrad_cfg"), head=dict(card.architecture.get("head") or {}),
-                      align_corners=card.architecture.get("align_corners", False), export_name=card.name)
+                      clip_grad=t["scheduler"].get("clipgrad_cfg"),
+                      family_settings={k: t[k] for k in FAMILY_TRAINING_KEYS if k in t},
+                      align_corners=card.architecture["align_corners"], export_name=card.name)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -130,8 +135,8 @@ class _TrainForward(nn.Module):
         super().__init__()
         self.model = model
         self.card = types.SimpleNamespace(
-            architecture={"head": config.head or {}, "align_corners": config.align_corners},
-            training={"losses": config.losses})
+            architecture={"align_corners": config.align_corners},
+            training={"losses": config.losses, **(config.family_settings or {})})
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, learning_rate: float, epoch: int
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -158,20 +158,21 @@ def make_transition(pre_channels: Sequence[int], cur_channels: Sequence[int], no
 class HRNet(nn.Module):
     """The toolbox's ``hrnetv2_w{18,32,40,48}`` (and ``_w18_small``).
 
-    ``mcibi_version`` drops the activation after the first stem conv, as the MCIBI Cityscapes checkpoint expects.
+    ``first_stem_activation=False`` drops the activation after the first stem conv, as the MCIBI Cityscapes
+    checkpoint expects (the toolbox's ``mcibi_version``).
     """
 
     fold_pairs = (("conv1", "bn1"), ("conv2", "bn2"))  # (conv, its BatchNorm) for fuse_bn
 
     def __init__(self, arch: str = "hrnetv2_w48", in_channels: int = 3, multiscale_output: bool = True,
-                 mcibi_version: bool = False, norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU,
-                 stages: Mapping[str, Mapping] | None = None):
+                 first_stem_activation: bool = True, norm_layer: NormLayer = nn.BatchNorm2d,
+                 act_layer: ActLayer = nn.ReLU, stages: Mapping[str, Mapping] | None = None):
         super().__init__()
         if stages is None:
             if arch not in ARCH_SETTINGS:
                 raise ValueError(f"unsupported HRNet arch {arch!r}; known: {sorted(ARCH_SETTINGS)}")
             stages = ARCH_SETTINGS[arch]
-        self.mcibi_version = mcibi_version
+        self.first_stem_activation = first_stem_activation
         # stem: two stride-2 3x3 convs (stride 4 overall)
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=2, padding=1, bias=False)
         self.bn1 = norm_layer(64)
@@ -197,11 +198,12 @@ class HRNet(nn.Module):
                 cur = modules[-1].out_channels
             self.add_module(f"stage{s}", nn.Sequential(*modules))
             channels = cur
-        self.out_channels = [sum(channels) if multiscale_output else channels[0]]
+        # one output: every branch upsampled and concatenated (or the highest resolution alone)
+        self.out_channels = (sum(channels) if multiscale_output else channels[0],)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         x = self.bn1(self.conv1(x))
-        if not self.mcibi_version:
+        if self.first_stem_activation:
             x = self.relu(x)
         x = self.relu(self.bn2(self.conv2(x)))
         xs = [self.layer1(x)]

@@ -111,10 +111,10 @@ class ResNeSt(ResNet):
 
     block = SplitAttentionBottleneck
 
-    def __init__(self, depth: int = 101, outstride: int = 8, in_channels: int = 3, stem_channels: int = 128,
+    def __init__(self, depth: int = 101, output_stride: int = 8, in_channels: int = 3, stem_channels: int = 128,
                  base_channels: int = 64, radix: int = 2, groups: int = 1, base_width: int = 4,
                  reduction_factor: int = 4, use_avg_after_block_conv2: bool = True,
-                 use_avg_for_downsample: bool = True, use_conv3x3_stem: bool = True, contract_dilation: bool = True,
+                 use_avg_for_downsample: bool = True, deep_stem: bool = True, contract_dilation: bool = True,
                  out_indices: Sequence[int] = (0, 1, 2, 3), style: str = "pytorch",
                  norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
         if style != "pytorch":
@@ -124,8 +124,8 @@ class ResNeSt(ResNet):
         self.avg_down = use_avg_for_downsample
         self.block_kwargs = dict(radix=radix, groups=groups, base_width=base_width, base_channels=base_channels,
                                  reduction_factor=reduction_factor, avg_after_conv2=use_avg_after_block_conv2)
-        super().__init__(depth=depth, outstride=outstride, in_channels=in_channels, stem_channels=stem_channels,
-                         base_channels=base_channels, use_conv3x3_stem=use_conv3x3_stem,
+        super().__init__(depth=depth, output_stride=output_stride, in_channels=in_channels,
+                         stem_channels=stem_channels, base_channels=base_channels, deep_stem=deep_stem,
                          contract_dilation=contract_dilation, out_indices=out_indices, norm_layer=norm_layer,
                          act_layer=act_layer)
 

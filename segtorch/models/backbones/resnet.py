@@ -75,7 +75,7 @@ def make_res_layer(block: type[nn.Module], inplanes: int, planes: int, num_block
     return nn.Sequential(*blocks)
 
 
-def deep_stem(in_channels: int, stem_channels: int, norm_layer: NormLayer, act_layer: ActLayer) -> nn.Sequential:
+def conv3x3_stem(in_channels: int, stem_channels: int, norm_layer: NormLayer, act_layer: ActLayer) -> nn.Sequential:
     """Three 3x3 convs (stride 2, 1, 1) instead of one 7x7; keys ``stem.0`` ... ``stem.7``."""
     half = stem_channels // 2
     return nn.Sequential(
@@ -91,25 +91,25 @@ class ResNet(nn.Module):
     block = Bottleneck
     fold_pairs = (("conv1", "bn1"),)  # (conv, its BatchNorm) for fuse_bn
 
-    def __init__(self, depth: int = 101, outstride: int = 8, in_channels: int = 3, stem_channels: int = 64,
-                 base_channels: int = 64, use_conv3x3_stem: bool = True, contract_dilation: bool = True,
+    def __init__(self, depth: int = 101, output_stride: int = 8, in_channels: int = 3, stem_channels: int = 64,
+                 base_channels: int = 64, deep_stem: bool = True, contract_dilation: bool = True,
                  out_indices: Sequence[int] = (0, 1, 2, 3), norm_layer: NormLayer = nn.BatchNorm2d,
                  act_layer: ActLayer = nn.ReLU):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"unsupported ResNet depth {depth}; known: {sorted(DEPTHS)}")
-        if outstride not in OUTSTRIDES:
-            raise ValueError(f"unsupported output stride {outstride}; known: {sorted(OUTSTRIDES)}")
+        if output_stride not in OUTSTRIDES:
+            raise ValueError(f"unsupported output stride {output_stride}; known: {sorted(OUTSTRIDES)}")
         self.out_indices = tuple(out_indices)
-        self.use_conv3x3_stem = use_conv3x3_stem
-        if use_conv3x3_stem:
-            self.stem = deep_stem(in_channels, stem_channels, norm_layer, act_layer)
+        self.deep_stem = deep_stem
+        if deep_stem:
+            self.stem = conv3x3_stem(in_channels, stem_channels, norm_layer, act_layer)
         else:
             self.conv1 = nn.Conv2d(in_channels, stem_channels, 7, stride=2, padding=3, bias=False)
             self.bn1 = norm_layer(stem_channels)
             self.relu = act_layer()
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        strides, dilations = OUTSTRIDES[outstride]
+        strides, dilations = OUTSTRIDES[output_stride]
         inplanes = stem_channels
         for i, num_blocks in enumerate(DEPTHS[depth]):
             planes = base_channels * 2 ** i
@@ -117,14 +117,15 @@ class ResNet(nn.Module):
                                     contract_dilation)
             self.add_module(f"layer{i + 1}", layer)
             inplanes = planes * self.block.expansion
-        self.out_channels = [base_channels * 2 ** i * self.block.expansion for i in range(4)]
+        # channels of each output (the stages in out_indices)
+        self.out_channels = tuple(base_channels * 2 ** i * self.block.expansion for i in self.out_indices)
 
     def make_layer(self, inplanes, planes, num_blocks, stride, dilation, norm_layer, act_layer, contract_dilation):
         return make_res_layer(self.block, inplanes, planes, num_blocks, stride, dilation, norm_layer, act_layer,
                               contract_dilation)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x) if self.use_conv3x3_stem else self.relu(self.bn1(self.conv1(x)))
+        x = self.stem(x) if self.deep_stem else self.relu(self.bn1(self.conv1(x)))
         return self.maxpool(x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -244,6 +244,7 @@ class SwinTransformer(nn.Module):
         self.use_abs_pos_embed = use_abs_pos_embed
         num_stages = len(depths)
         self.num_features = [embed_dims * 2 ** i for i in range(num_stages)]
+        self.out_channels = tuple(self.num_features[i] for i in self.out_indices)
 
         self.patch_embed = PatchEmbed(in_channels, embed_dims, patch_size,
                                       norm_layer=norm_layer if patch_norm else None)

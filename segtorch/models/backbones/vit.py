@@ -173,6 +173,8 @@ class VisionTransformer(nn.Module):
         if isinstance(out_indices, int):
             out_indices = [num_layers - 1 if out_indices == -1 else out_indices]
         self.out_indices = tuple(out_indices)
+        # channels of each output feature map (the patch grid before the first layer with out_origin)
+        self.out_channels = (embed_dims,) * (len(self.out_indices) + int(out_origin))
         # the learnt position grid (pretraining/training size in patches)
         self.pos_grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
 

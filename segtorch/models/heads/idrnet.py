@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import ActLayer, ConvNormAct, NormLayer
-from ..segmentor import Segmentor
+from ..segmentor import SegmentationModel
 from .aspp import ASPP
 from .psp import PyramidPoolingModule
 from .selfattention import SelfAttentionBlock
@@ -62,7 +62,7 @@ def decoder(in_channels: int, feats_channels: int, num_classes: int, dropout: fl
                          nn.Dropout2d(dropout), nn.Conv2d(feats_channels, num_classes, 1))
 
 
-class IDRNet(Segmentor):
+class IDRNet(SegmentationModel):
     def __init__(self, backbone: nn.Module, num_classes: int, in_channels: int = 2048, feats_channels: int = 512,
                  coarse_context: str | None = None, dilations: Sequence[int] = (1, 12, 24, 36),
                  pool_scales: Sequence[int] = (1, 2, 3, 6), fpn_in_channels_list: Sequence[int] | None = None,
@@ -74,9 +74,12 @@ class IDRNet(Segmentor):
                  selected_indices: Sequence[int] | None = None, align_corners: bool = False,
                  norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
         super().__init__(backbone, num_classes, selected_indices, align_corners)
+        self.check_channels("in_channels", in_channels, -1)
         use_fpn = fpn_in_channels_list is not None
         if use_fpn and coarse_context is None:
             raise ValueError("IDRNet's FPN sits on the coarse context: it needs coarse_context='aspp' or 'ppm'")
+        if use_fpn:  # the FPN's levels are the backbone features (the coarse context replaces the top one)
+            self.check_channels("fpn_in_channels_list", fpn_in_channels_list, range(len(fpn_in_channels_list)))
         if use_fpn and use_fpn_before == use_fpn_after:
             raise ValueError("IDRNet's FPN runs either before stage 1 or after it: set exactly one of "
                              "use_fpn_before / use_fpn_after")
@@ -135,26 +138,6 @@ class IDRNet(Segmentor):
             stage2_channels += context_channels + fpn_channels
         self.decoder_stage1 = decoder(stage1_channels, feats_channels, num_classes, dropout, norm_layer, act_layer)
         self.decoder_stage2 = decoder(stage2_channels, feats_channels, num_classes, dropout, norm_layer, act_layer)
-
-    @classmethod
-    def from_config(cls, arch: Mapping, **kwargs) -> "IDRNet":
-        head = dict(arch["head"])
-        context = dict(head.get("coarse_context") or {})
-        fpn = head.get("fpn") or {}
-        optional = {k: head[k] for k in ("use_fpn_before", "use_fpn_after", "use_sa_on_coarsecontext_before",
-                                         "use_sa_on_coarsecontext_after", "refine_coarsecontext_channels",
-                                         "refine_idcontext_channels", "force_stage1_use_oripr", "dropout",
-                                         "clsrelation_momentum", "dlclsreps_momentum") if k in head}
-        if "dilations" in context:
-            optional["dilations"] = context["dilations"]
-        if "pool_scales" in context:
-            optional["pool_scales"] = context["pool_scales"]
-        if fpn:
-            optional.update(fpn_in_channels_list=fpn["in_channels_list"], fpn_feats_channels=fpn["feats_channels"],
-                            fpn_out_channels=fpn["out_channels"])
-        return cls(num_classes=arch["num_classes"], in_channels=head["in_channels"],
-                   feats_channels=head["feats_channels"], coarse_context=context.get("type"),
-                   align_corners=arch["align_corners"], **optional, **kwargs)
 
     # ---- inference ----------------------------------------------------------------------------------------
     def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
@@ -258,7 +241,7 @@ class IDRNet(Segmentor):
         self.selected_classes_counter = torch.full((self.num_classes,), COUNTER_INIT,
                                                    device=self.class_relations_mean.device)
 
-    def train_forward(self, x: torch.Tensor, labels: torch.Tensor, *, head_cfg: Mapping, learning_rate: float,
+    def train_forward(self, x: torch.Tensor, labels: torch.Tensor, *, training: Mapping, learning_rate: float,
                       epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
         """The toolbox's TRAIN forward, in its order (Python's ``random`` draws included):
 
@@ -280,7 +263,8 @@ class IDRNet(Segmentor):
         if on_cuda:
             torch.cuda.manual_seed(seed)
         x_feats, context, stage1, stage2 = self._decode_parts(feats)
-        ignore_index = head_cfg.get("ignore_index", -100)
+        # the card generator checked that the head's ignore index is the losses' one
+        ignore_index = next(iter((training.get("losses") or {}).values()), {}).get("ignore_index", -100)
         with torch.no_grad():
             removed = self._draw_interventions(stage1)
             id_context = self.intervention_context(x_feats, stage1, removed=removed)
@@ -288,11 +272,11 @@ class IDRNet(Segmentor):
                 torch.cuda.manual_seed(seed)
             intervened = self._stage2(x_feats, id_context, context)
             self._update_relations(self.resize(intervened, labels.shape[-2:]), self.resize(stage2, labels.shape[-2:]),
-                                   labels, removed.tolist(), head_cfg["clsrelation_momentum"], ignore_index)
+                                   labels, removed.tolist(), self.clsrelation_momentum, ignore_index)
             _average_over_processes(self.class_relations_mean, self.class_relations_var,
                                     self.selected_classes_counter)
             self._update_representations(self.resize(x_feats, labels.shape[-2:]), labels,
-                                         head_cfg["dlclsreps_momentum"], ignore_index)
+                                         self.dlclsreps_momentum, ignore_index)
             _average_over_processes(self.dl_cls_representations)
         preds = {"loss_cls_stage1": stage1, "loss_cls_stage2": stage2, **self.auxiliary_preds(feats)}
         return preds, {}

@@ -8,14 +8,14 @@ configs) gives ``seg_logits``.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import ActLayer, ConvNormAct, NormLayer, classifier
-from ..segmentor import Segmentor
+from ..segmentor import SegmentationModel
 from .selfattention import SelfAttentionBlock, context_attention
 
 
@@ -88,7 +88,7 @@ class SemanticLevelContext(nn.Module):
         return feats_sl
 
 
-class ISNet(Segmentor):
+class ISNet(SegmentationModel):
     def __init__(self, backbone: nn.Module, num_classes: int, in_channels: int = 2048, feats_channels: int = 512,
                  transform_channels: int = 256, concat_input: bool = True, dropout: float = 0.1,
                  shortcut_in_channels: int | None = None, shortcut_channels: int = 48,
@@ -97,6 +97,9 @@ class ISNet(Segmentor):
         """``shortcut_in_channels``: channels of the first selected backbone stage to fuse before the stage-2
         classifier (the toolbox's ``shortcut.is_on``); None to classify the context features directly."""
         super().__init__(backbone, num_classes, selected_indices, align_corners)
+        self.check_channels("in_channels", in_channels, -1)
+        if shortcut_in_channels is not None:
+            self.check_channels("shortcut_in_channels", shortcut_in_channels, 0)
         self.bottleneck = ConvNormAct(in_channels, feats_channels, 3, norm_layer=norm_layer, act_layer=act_layer)
         self.ilc_net = ImageLevelContext(feats_channels, transform_channels, concat_input, align_corners,
                                          norm_layer, act_layer)
@@ -114,18 +117,6 @@ class ISNet(Segmentor):
                 *classifier(feats_channels, num_classes, dropout))
         else:
             self.decoder_stage2 = classifier(feats_channels, num_classes, dropout)
-
-    @classmethod
-    def from_config(cls, arch: Mapping, **kwargs) -> "ISNet":
-        head = arch["head"]
-        shortcut = head.get("shortcut") or {}
-        on = shortcut.get("is_on", False)
-        return cls(num_classes=arch["num_classes"], in_channels=head["in_channels"],
-                   feats_channels=head["feats_channels"], transform_channels=head["transform_channels"],
-                   concat_input=head["concat_input"], dropout=head["dropout"],
-                   shortcut_in_channels=shortcut["in_channels"] if on else None,
-                   shortcut_channels=shortcut.get("feats_channels", 48),
-                   align_corners=arch["align_corners"], **kwargs)
 
     def _stages(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.bottleneck(feats[-1])

@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ActLayer, ConvNormAct, NormLayer, classifier, norm_layer_from_cfg
-from ..segmentor import Segmentor
+from ..layers import ActLayer, ConvNormAct, NormLayer, classifier, norm_by_name
+from ..segmentor import SegmentationModel
 from .aspp import ASPP
 from .psp import PyramidPoolingModule
 from .selfattention import SelfAttentionBlock, context_attention
@@ -82,17 +82,17 @@ class FeaturesMemory(nn.Module):
         return memory_output
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, segmentation: torch.Tensor, ignore_index: int = -100,
-               strategy: str = "cosine_similarity", momentum_cfg: Mapping | None = None,
-               learning_rate: float | None = None) -> torch.Tensor:
+    def update(self, features: torch.Tensor, segmentation: torch.Tensor, *, ignore_index: int = -100,
+               strategy: str = "cosine_similarity", base_momentum: float, adjust_by_learning_rate: bool = False,
+               base_lr: float | None = None, learning_rate: float | None = None) -> torch.Tensor:
         """Training only: moving-average update of each present class's memory from ``features`` (B, C, H, W,
         already resized to the label size) and ``segmentation`` (B, H, W), following the toolbox. Returns this
         process's updated memory (before the average over processes)."""
         if strategy not in ("mean", "cosine_similarity"):
             raise ValueError(f"unknown memory update strategy {strategy!r}")
-        momentum = momentum_cfg["base_momentum"]
-        if momentum_cfg["adjust_by_learning_rate"]:
-            momentum = momentum_cfg["base_momentum"] / momentum_cfg["base_lr"] * learning_rate
+        momentum = base_momentum
+        if adjust_by_learning_rate:  # the momentum follows the schedule: base_momentum at base_lr
+            momentum = base_momentum / base_lr * learning_rate
         segmentation = segmentation.long().reshape(-1)
         features = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
         memory = self.memory.data
@@ -133,38 +133,39 @@ class FeaturesMemory(nn.Module):
         return memory
 
 
-class MCIBI(Segmentor):
+class MCIBI(SegmentationModel):
     def __init__(self, backbone: nn.Module, num_classes: int, in_channels: int = 2048, feats_channels: int = 512,
                  transform_channels: int = 256, out_channels: int = 512, num_feats_per_cls: int = 1,
-                 use_hard_aggregate: bool = False, dropout: float = 0.1, context_type: str | None = "aspp",
-                 context_cfg: Mapping | None = None, downsample_cfg: Mapping | None = None,
-                 backbone_norm_channels: Sequence[int] | None = None, backbone_norm_cfg: Mapping | None = None,
+                 use_hard_aggregate: bool = False, dropout: float = 0.1, context: str | None = None,
+                 context_dilations: Sequence[int] = (1, 12, 24, 36), context_pool_scales: Sequence[int] = (1, 2, 3, 6),
+                 downsample_stride: int = 1, feature_norm: str | None = None, feature_norm_eps: float | None = None,
                  selected_indices: Sequence[int] | None = None, align_corners: bool = False,
                  norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
-        """``context_type``: "aspp" / "ppm" / None, the within-image context, built with ``context_cfg``
-        (``dilations`` / ``pool_scales``). ``downsample_cfg``: nn.Conv2d kwargs of the conv applied to every
-        selected backbone output when its stride is > 1. ``backbone_norm_channels`` / ``backbone_norm_cfg``: a
-        channel-wise norm (e.g. ``{"type": "LayerNorm", "eps": 1e-6}``) per selected backbone output."""
+        """``context``: "aspp" (with ``context_dilations``) / "ppm" (with ``context_pool_scales``) / None, the
+        within-image context. ``downsample_stride`` > 1: a strided 3x3 conv-norm-act applied to every selected
+        backbone output first (HRNet). ``feature_norm`` (e.g. "layernorm", ``feature_norm_eps``): a
+        channel-wise norm of every selected backbone output (ViT)."""
         super().__init__(backbone, num_classes, selected_indices, align_corners)
-        if backbone_norm_channels is not None:
-            make_norm = norm_layer_from_cfg(backbone_norm_cfg)
-            self.norm_layers = nn.ModuleList(make_norm(c) for c in backbone_norm_channels)
-        if downsample_cfg is not None and downsample_cfg.get("stride", 1) > 1:
-            self.downsample_backbone = nn.Sequential(nn.Conv2d(in_channels, in_channels, **downsample_cfg),
-                                                     norm_layer(in_channels), act_layer())
-        if context_type == "aspp":
-            self.context_within_image_module = ASPP(in_channels, feats_channels, (context_cfg or {})["dilations"],
-                                                    align_corners, norm_layer, act_layer)
-        elif context_type == "ppm":
-            self.context_within_image_module = PyramidPoolingModule(
-                in_channels, feats_channels, (context_cfg or {}).get("pool_scales", (1, 2, 3, 6)), align_corners,
-                norm_layer, act_layer)
-        elif context_type is not None:
-            raise ValueError(f"unknown context module {context_type!r}; known: aspp, ppm")
+        self.check_channels("in_channels", in_channels, -1)
+        if feature_norm is not None:
+            make_norm = norm_by_name(feature_norm, eps=feature_norm_eps)
+            self.norm_layers = nn.ModuleList(make_norm(c) for c in self.feature_channels)
+        if downsample_stride > 1:
+            self.downsample_backbone = nn.Sequential(
+                nn.Conv2d(in_channels, in_channels, 3, stride=downsample_stride, padding=1, bias=False),
+                norm_layer(in_channels), act_layer())
+        if context == "aspp":
+            self.context_within_image_module = ASPP(in_channels, feats_channels, context_dilations, align_corners,
+                                                    norm_layer, act_layer)
+        elif context == "ppm":
+            self.context_within_image_module = PyramidPoolingModule(in_channels, feats_channels, context_pool_scales,
+                                                                    align_corners, norm_layer, act_layer)
+        elif context is not None:
+            raise ValueError(f"unknown context module {context!r}; known: aspp, ppm")
         self.bottleneck = ConvNormAct(in_channels, feats_channels, 3, norm_layer=norm_layer, act_layer=act_layer)
         self.memory_module = FeaturesMemory(
             num_classes, feats_channels, transform_channels, out_channels,
-            use_context_within_image=context_type is not None, num_feats_per_cls=num_feats_per_cls,
+            use_context_within_image=context is not None, num_feats_per_cls=num_feats_per_cls,
             use_hard_aggregate=use_hard_aggregate, norm_layer=norm_layer, act_layer=act_layer)
         self.decoder_stage1 = nn.Sequential(
             *ConvNormAct(feats_channels, feats_channels, 1, norm_layer=norm_layer, act_layer=act_layer),
@@ -172,20 +173,6 @@ class MCIBI(Segmentor):
         self.decoder_stage2 = nn.Sequential(
             *ConvNormAct(out_channels, out_channels, 1, norm_layer=norm_layer, act_layer=act_layer),
             *classifier(out_channels, num_classes, dropout))
-
-    @classmethod
-    def from_config(cls, arch: Mapping, **kwargs) -> "MCIBI":
-        head = arch["head"]
-        context = head.get("context_within_image") or {}
-        norm_cfg = dict(head["norm_cfg"]) if "norm_cfg" in head else None
-        norm_channels = norm_cfg.pop("in_channels_list") if norm_cfg is not None else None
-        return cls(num_classes=arch["num_classes"], in_channels=head["in_channels"],
-                   feats_channels=head["feats_channels"], transform_channels=head["transform_channels"],
-                   out_channels=head["out_channels"], num_feats_per_cls=head.get("num_feats_per_cls", 1),
-                   use_hard_aggregate=head.get("use_hard_aggregate", False), dropout=head["dropout"],
-                   context_type=context["type"] if context.get("is_on") else None, context_cfg=context.get("cfg"),
-                   downsample_cfg=head.get("downsample_backbone"), backbone_norm_channels=norm_channels,
-                   backbone_norm_cfg=norm_cfg, align_corners=arch["align_corners"], **kwargs)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = super().features(x)
@@ -230,22 +217,24 @@ class MCIBI(Segmentor):
         memory = (self.memory_module.memory if memory is None else memory).detach()
         return self.decoder_stage2(memory.reshape(-1, memory.shape[-1], 1, 1)).flatten(1)
 
-    def train_forward(self, x: torch.Tensor, labels: torch.Tensor, *, head_cfg: Mapping, learning_rate: float,
+    def train_forward(self, x: torch.Tensor, labels: torch.Tensor, *, training: Mapping, learning_rate: float,
                       epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
         """The toolbox's TRAIN forward: both stages and the auxiliary head; then the memory update from the
         bottleneck features resized to the labels (momentum scaled by ``learning_rate`` when the card says so);
-        from the second epoch on (``use_loss``) the memory loss: stage 2 classifies each memory vector as its
+        from the second epoch on (where the card has ``memory_loss``) the memory loss: stage 2 classifies each memory vector as its
         class. The memory read by this step's graph and loss is the updated one, as in the toolbox."""
         feats = self.features(x)
         memory_input, preds_stage1, preds_stage2 = self._stages(feats)
         preds = {"loss_cls_stage1": preds_stage1, "loss_cls_stage2": preds_stage2, **self.auxiliary_preds(feats)}
         with torch.no_grad():
             features = self.resize(memory_input, labels.shape[-2:])
-            stored = self.memory_module.update(features, labels, learning_rate=learning_rate, **head_cfg["update_cfg"])
+            stored = self.memory_module.update(features, labels, learning_rate=learning_rate,
+                                               **training["memory_update"])
         extra = {}
-        if epoch > 1 and head_cfg.get("use_loss", False):
+        memory_loss = training.get("memory_loss")
+        if epoch > 1 and memory_loss:
             logits = self.memory_logits(stored)
             targets = torch.arange(self.num_classes, device=logits.device).repeat_interleave(
                 self.memory_module.num_feats_per_cls)
-            extra["loss_memory"] = (logits, targets, head_cfg["loss_cfg"])
+            extra["loss_memory"] = (logits, targets, memory_loss)
         return preds, extra

@@ -1,14 +1,14 @@
 """UPerNet: PPM on the last stage plus an FPN over the earlier stages, fused and classified."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import ActLayer, ConvNormAct, NormLayer, not_inplace
-from ..segmentor import Segmentor
+from ..segmentor import SegmentationModel
 from .psp import PyramidPoolingModule
 
 
@@ -57,12 +57,13 @@ def fpn_fuse(feats: Sequence[torch.Tensor], ppm_net: nn.Module, lateral_convs: n
     return torch.cat(outs, dim=1)
 
 
-class UPerNet(Segmentor):
+class UPerNet(SegmentationModel):
     def __init__(self, backbone: nn.Module, num_classes: int, in_channels_list: Sequence[int] = (256, 512, 1024, 2048),
                  feats_channels: int = 512, pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1,
                  selected_indices: Sequence[int] | None = None, align_corners: bool = False,
                  norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
         super().__init__(backbone, num_classes, selected_indices, align_corners)
+        self.check_channels("in_channels_list", in_channels_list, range(len(self.feature_channels)))
         head = UPerHead(in_channels_list, feats_channels, pool_scales, align_corners, norm_layer, act_layer)
         # the toolbox keeps these three at the top level of the segmentor
         self.ppm_net, self.lateral_convs, self.fpn_convs = head.ppm_net, head.lateral_convs, head.fpn_convs
@@ -70,15 +71,6 @@ class UPerNet(Segmentor):
             *ConvNormAct(feats_channels * len(in_channels_list), feats_channels, 3, norm_layer=norm_layer,
                          act_layer=act_layer),
             nn.Dropout2d(dropout), nn.Conv2d(feats_channels, num_classes, 1))
-
-    @classmethod
-    def from_config(cls, arch: Mapping, **kwargs) -> "UPerNet":
-        head = arch["head"]
-        if "feature2pyramid" in head:
-            raise ValueError("UPerNet with feature2pyramid is not a seed architecture and is not supported")
-        return cls(num_classes=arch["num_classes"], in_channels_list=head["in_channels_list"],
-                   feats_channels=head["feats_channels"], pool_scales=head["pool_scales"], dropout=head["dropout"],
-                   align_corners=arch["align_corners"], **kwargs)
 
     def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
         fused = fpn_fuse(feats, self.ppm_net, self.lateral_convs, self.fpn_convs, self.align_corners)
