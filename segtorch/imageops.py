@@ -1,15 +1,20 @@
 """Image arithmetic shared by the test pipeline (``inference/image.py``) and the training transforms
 (``data/transforms.py``): the toolbox's resize sizes, its OpenCV interpolation names and its Normalize rounding.
-Pure functions on numpy arrays; no I/O."""
+Pure functions on numpy arrays; no I/O. OpenCV and numpy are imported on use: the CLI's parser reads
+``IMAGE_SUFFIXES`` from here and must stay light."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import cv2
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
-                  "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
+# the file suffixes segtorch reads as images (folders of inputs, datasets of the user's own images)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# the toolbox's interpolation names -> OpenCV's flags
+INTERPOLATIONS = {"nearest": "INTER_NEAREST", "bilinear": "INTER_LINEAR", "bicubic": "INTER_CUBIC",
+                  "area": "INTER_AREA", "lanczos": "INTER_LANCZOS4"}
 
 
 def as_pair(value) -> tuple[int, int]:
@@ -21,9 +26,12 @@ def as_pair(value) -> tuple[int, int]:
 
 
 def interpolation(name: str) -> int:
+    """OpenCV's flag for one of the toolbox's interpolation names."""
+    import cv2
+
     if name not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {name!r}; known: {sorted(INTERPOLATIONS)}")
-    return INTERPOLATIONS[name]
+    return getattr(cv2, INTERPOLATIONS[name])
 
 
 def resize_size(height: int, width: int, size, keep_ratio: bool = True, min_size: int | None = None
@@ -51,6 +59,8 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     """(image - mean) / std as float32 HxWx3 with the toolbox's rounding: its ``cv2.subtract`` of a float64
     scalar from float32 data works in float32, and ``cv2.multiply`` by the float64 inverse std rounds the double
     product back to float32. The same arithmetic, bit for bit. ``mean``/``std`` in the image's channel order."""
+    import numpy as np
+
     mean32 = np.asarray(mean, dtype=np.float64).astype(np.float32)
     inv_std = 1.0 / np.asarray(std, dtype=np.float64)
     return ((image.astype(np.float32) - mean32) * inv_std).astype(np.float32)

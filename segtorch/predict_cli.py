@@ -19,7 +19,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+from .imageops import IMAGE_SUFFIXES
+
 OUTPUTS = ("labels", "color", "overlay", "scores", "legend")
 DEFAULT_OUTPUTS = ("labels", "color", "overlay")
 

@@ -555,7 +555,7 @@ def _demo():
 def test_logits_takes_arrays_images_and_warns_on_raw_pixels():
     seg = _demo()
     image = np.random.default_rng(3).integers(0, 255, (45, 61, 3), dtype=np.uint8)
-    x = preprocess(image, seg.card.preprocess["resize"], seg.card.preprocess["mean"], seg.card.preprocess["std"])
+    x = preprocess(image, seg.card.preprocess.resize, seg.card.preprocess.mean, seg.card.preprocess.std)
     from_tensor = seg.logits(x)
     assert torch.equal(seg.logits(x.numpy()), from_tensor)  # a float array is a normalised batch too
     assert torch.equal(seg.logits(x[0].numpy()), from_tensor)  # and 3 x H x W gets its batch dimension

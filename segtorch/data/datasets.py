@@ -22,10 +22,11 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
 from ..errors import DatasetError, UsageError  # noqa: F401 - DatasetError re-exported
+from ..imageops import IMAGE_SUFFIXES
 
 IGNORE_INDEX = -100
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclasses.dataclass(frozen=True)

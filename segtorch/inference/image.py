@@ -17,13 +17,13 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
 from ..errors import ImageReadError  # noqa: F401 - re-exported
+from ..imageops import IMAGE_SUFFIXES, interpolation, normalize, resize_size  # noqa: F401 - suffixes re-exported
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
-_INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
-                   "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
@@ -169,19 +169,7 @@ def resized_size(height: int, width: int, resize: Mapping) -> tuple[int, int]:
     """
     if resize.get("scale_range") is not None:
         raise ValueError("resize.scale_range is a training-time random rescale; test-time Resize needs None")
-    out = resize["output_size"]
-    out = (int(out), int(out)) if isinstance(out, (int, float)) else (int(out[0]), int(out[1]))
-    if resize.get("keep_ratio", True):
-        scale = min(max(out) / max(height, width), min(out) / min(height, width))
-        new_w, new_h = int(width * scale + 0.5), int(height * scale + 0.5)
-        min_size = resize.get("min_size")
-        if min_size is not None and min(new_w, new_h) < min_size:
-            scale = min_size / min(height, width)
-            new_w, new_h = int(width * scale + 0.5), int(height * scale + 0.5)
-        return new_h, new_w
-    if height > width:
-        return max(out), min(out)
-    return min(out), max(out)
+    return resize_size(height, width, resize["output_size"], resize.get("keep_ratio", True), resize.get("min_size"))
 
 
 def preprocess(image_rgb: np.ndarray, resize: Mapping | None, mean: Sequence[float],
@@ -197,15 +185,8 @@ def preprocess(image_rgb: np.ndarray, resize: Mapping | None, mean: Sequence[flo
         if kind != "Resize":
             raise ValueError(f"unsupported test-time resize {kind!r}; only the toolbox's 'Resize' is implemented")
         h, w = resized_size(image.shape[0], image.shape[1], resize)
-        interpolation = resize.get("interpolation", resize.get("image_interpolation", "bilinear"))
-        if interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {interpolation!r}; known: {sorted(_INTERPOLATIONS)}")
+        mode = interpolation(resize.get("interpolation", resize.get("image_interpolation", "bilinear")))
         # on the uint8 image, like the toolbox: OpenCV's fixed-point bilinear differs from resizing floats
-        image = cv2.resize(image, (w, h), interpolation=_INTERPOLATIONS[interpolation])
-    # Normalize: cv2.subtract with a float64 scalar on float32 data works in float32; cv2.multiply by the
-    # float64 inverse std rounds the double product back to float32. The same arithmetic, bit for bit:
-    mean32 = np.asarray(mean, dtype=np.float64).astype(np.float32)
-    inv_std = 1.0 / np.asarray(std, dtype=np.float64)
-    centred = image.astype(np.float32) - mean32
-    normalised = (centred * inv_std).astype(np.float32)
+        image = cv2.resize(image, (w, h), interpolation=mode)
+    normalised = normalize(image, mean, std)
     return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))[None]

@@ -4,7 +4,7 @@ Names are imported on first use, so that building the CLI's parser (``commands``
 """
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_attributes
 
 _LAZY = {"PolySchedule": "optim", "build_optimizer": "optim", "clip_gradients": "optim", "param_groups": "optim",
          "segmentation_loss": "losses", "training_losses": "losses", "configured_loss": "losses",
@@ -13,9 +13,4 @@ _LAZY = {"PolySchedule": "optim", "build_optimizer": "optim", "clip_gradients": 
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
