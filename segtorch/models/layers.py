@@ -70,3 +70,11 @@ class ConvNormAct(nn.Sequential):
 def classifier(in_channels: int, num_classes: int, dropout: float) -> nn.Sequential:
     """Dropout2d -> 1x1 conv with bias: the toolbox's last two layers of every decoder."""
     return nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(in_channels, num_classes, kernel_size=1))
+
+
+def stage_decoder(in_channels: int, feats_channels: int, num_classes: int, dropout: float,
+                  norm_layer: NormLayer, act_layer: ActLayer) -> nn.Sequential:
+    """The two-stage heads' decoders (ISNet, MCIBI, IDRNet): 1x1 conv-norm-act, then ``classifier``, in one
+    Sequential (keys ``0.*``, ``1.*``, ``4.*``)."""
+    return nn.Sequential(*ConvNormAct(in_channels, feats_channels, 1, norm_layer=norm_layer, act_layer=act_layer),
+                         *classifier(feats_channels, num_classes, dropout))

@@ -31,35 +31,17 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ActLayer, ConvNormAct, NormLayer
+from ..layers import ActLayer, ConvNormAct, NormLayer, stage_decoder
 from ..segmentor import SegmentationModel
 from .aspp import ASPP
 from .psp import PyramidPoolingModule
-from .selfattention import SelfAttentionBlock
+from .selfattention import context_attention
 from .upernet import fpn_fuse, fpn_layers
 
 # the toolbox switches off non-positive mean relations with this logit before the softmax
 NEGATIVE_RELATION_LOGIT = -1e16
 # the toolbox's initial selection count of every class (a fresh model)
 COUNTER_INIT = 1e-6
-
-
-def refiner(in_channels: int, transform_channels: int, out_channels: int, norm_layer: NormLayer,
-            act_layer: ActLayer) -> SelfAttentionBlock:
-    """The self-attention block IDRNet uses everywhere: separate 2-conv key/query projections, 1-conv value
-    and output projections, all with norm+act, scaled dot product."""
-    return SelfAttentionBlock(
-        key_in_channels=in_channels, query_in_channels=in_channels, transform_channels=transform_channels,
-        out_channels=out_channels, share_key_query=False, query_downsample=None, key_downsample=None,
-        key_query_num_convs=2, value_out_num_convs=1, key_query_norm=True, value_out_norm=True, matmul_norm=True,
-        with_out_project=True, norm_layer=norm_layer, act_layer=act_layer)
-
-
-def decoder(in_channels: int, feats_channels: int, num_classes: int, dropout: float, norm_layer: NormLayer,
-            act_layer: ActLayer) -> nn.Sequential:
-    """1x1 conv-norm-act, dropout, 1x1 classifier (keys ``0.*``, ``1.*``, ``4.*``)."""
-    return nn.Sequential(*ConvNormAct(in_channels, feats_channels, 1, norm_layer=norm_layer, act_layer=act_layer),
-                         nn.Dropout2d(dropout), nn.Conv2d(feats_channels, num_classes, 1))
 
 
 class IDRNet(SegmentationModel):
@@ -105,11 +87,13 @@ class IDRNet(SegmentationModel):
         if self.coarse_context_module is not None:
             # "before" wins when both are set, as in the toolbox
             if use_sa_on_coarsecontext_before:
-                self.coarsecontext_refiner_before = refiner(context_channels, refine_coarsecontext_channels,
-                                                            context_channels, norm_layer, act_layer)
+                self.coarsecontext_refiner_before = context_attention(
+                    context_channels, context_channels, refine_coarsecontext_channels, context_channels, norm_layer,
+                    act_layer)
             elif use_sa_on_coarsecontext_after:
-                self.coarsecontext_refiner_after = refiner(context_channels, refine_coarsecontext_channels,
-                                                           context_channels, norm_layer, act_layer)
+                self.coarsecontext_refiner_after = context_attention(
+                    context_channels, context_channels, refine_coarsecontext_channels, context_channels, norm_layer,
+                    act_layer)
 
         # FPN over the earlier backbone stages with the coarse context on top
         fpn_channels = 0
@@ -126,8 +110,8 @@ class IDRNet(SegmentationModel):
         self.register_buffer("selected_classes_counter", torch.full((num_classes,), COUNTER_INIT), persistent=False)
 
         # input: features with dl representations appended, mean context, var context (2C wide each) -> C
-        self.idcontext_refiner = refiner(feats_channels * 6, refine_idcontext_channels, feats_channels,
-                                         norm_layer, act_layer)
+        self.idcontext_refiner = context_attention(feats_channels * 6, feats_channels * 6, refine_idcontext_channels,
+                                                   feats_channels, norm_layer, act_layer)
 
         if force_stage1_use_oripr or self.coarse_context_module is None:
             stage1_channels = feats_channels
@@ -136,8 +120,10 @@ class IDRNet(SegmentationModel):
         stage2_channels = feats_channels * 2
         if self.coarse_context_module is not None:
             stage2_channels += context_channels + fpn_channels
-        self.decoder_stage1 = decoder(stage1_channels, feats_channels, num_classes, dropout, norm_layer, act_layer)
-        self.decoder_stage2 = decoder(stage2_channels, feats_channels, num_classes, dropout, norm_layer, act_layer)
+        self.decoder_stage1 = stage_decoder(stage1_channels, feats_channels, num_classes, dropout, norm_layer,
+                                            act_layer)
+        self.decoder_stage2 = stage_decoder(stage2_channels, feats_channels, num_classes, dropout, norm_layer,
+                                            act_layer)
 
     # ---- inference ----------------------------------------------------------------------------------------
     def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:

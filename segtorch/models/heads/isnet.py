@@ -14,15 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ActLayer, ConvNormAct, NormLayer, classifier
+from ..layers import ActLayer, ConvNormAct, NormLayer, classifier, stage_decoder
 from ..segmentor import SegmentationModel
-from .selfattention import SelfAttentionBlock, context_attention
-
-
-def _attention(key_in_channels: int, feats_channels: int, transform_channels: int, norm_layer: NormLayer,
-               act_layer: ActLayer) -> SelfAttentionBlock:
-    return context_attention(key_in_channels, feats_channels, transform_channels, feats_channels, norm_layer,
-                             act_layer)
+from .selfattention import context_attention
 
 
 class ImageLevelContext(nn.Module):
@@ -31,7 +25,8 @@ class ImageLevelContext(nn.Module):
         super().__init__()
         self.align_corners = align_corners
         self.global_avgpool = nn.AdaptiveAvgPool2d(1)
-        self.correlate_net = _attention(feats_channels * 2, feats_channels, transform_channels, norm_layer, act_layer)
+        self.correlate_net = context_attention(feats_channels * 2, feats_channels, transform_channels, feats_channels,
+                                               norm_layer, act_layer)
         if concat_input:
             self.bottleneck = ConvNormAct(feats_channels * 2, feats_channels, 3, norm_layer=norm_layer,
                                           act_layer=act_layer)
@@ -76,7 +71,8 @@ class SemanticLevelContext(nn.Module):
     def __init__(self, feats_channels: int, transform_channels: int, concat_input: bool = False,
                  norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
         super().__init__()
-        self.correlate_net = _attention(feats_channels, feats_channels, transform_channels, norm_layer, act_layer)
+        self.correlate_net = context_attention(feats_channels, feats_channels, transform_channels, feats_channels,
+                                               norm_layer, act_layer)
         if concat_input:
             self.bottleneck = ConvNormAct(feats_channels * 2, feats_channels, 3, norm_layer=norm_layer,
                                           act_layer=act_layer)
@@ -104,17 +100,13 @@ class ISNet(SegmentationModel):
         self.ilc_net = ImageLevelContext(feats_channels, transform_channels, concat_input, align_corners,
                                          norm_layer, act_layer)
         self.slc_net = SemanticLevelContext(feats_channels, transform_channels, concat_input, norm_layer, act_layer)
-        self.decoder_stage1 = nn.Sequential(
-            *ConvNormAct(feats_channels, feats_channels, 1, norm_layer=norm_layer, act_layer=act_layer),
-            *classifier(feats_channels, num_classes, dropout))
+        self.decoder_stage1 = stage_decoder(feats_channels, feats_channels, num_classes, dropout, norm_layer, act_layer)
         if shortcut_in_channels is not None:
             # the shortcut conv has a bias in the toolbox (unlike every other conv before a norm)
             self.shortcut = nn.Sequential(nn.Conv2d(shortcut_in_channels, shortcut_channels, 1),
                                           norm_layer(shortcut_channels), act_layer())
-            self.decoder_stage2 = nn.Sequential(
-                *ConvNormAct(feats_channels + shortcut_channels, feats_channels, 1, norm_layer=norm_layer,
-                             act_layer=act_layer),
-                *classifier(feats_channels, num_classes, dropout))
+            self.decoder_stage2 = stage_decoder(feats_channels + shortcut_channels, feats_channels, num_classes,
+                                                dropout, norm_layer, act_layer)
         else:
             self.decoder_stage2 = classifier(feats_channels, num_classes, dropout)
 

@@ -18,17 +18,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ActLayer, ConvNormAct, NormLayer, classifier, norm_by_name
+from ..layers import ActLayer, ConvNormAct, NormLayer, norm_by_name, stage_decoder
 from ..segmentor import SegmentationModel
 from .aspp import ASPP
 from .psp import PyramidPoolingModule
-from .selfattention import SelfAttentionBlock, context_attention
-
-
-def _attention(feats_channels: int, transform_channels: int, norm_layer: NormLayer,
-               act_layer: ActLayer) -> SelfAttentionBlock:
-    return context_attention(feats_channels, feats_channels, transform_channels, feats_channels, norm_layer,
-                             act_layer)
+from .selfattention import context_attention
 
 
 class FeaturesMemory(nn.Module):
@@ -47,15 +41,18 @@ class FeaturesMemory(nn.Module):
         self.memory = nn.Parameter(torch.zeros(num_classes, num_feats_per_cls, feats_channels), requires_grad=False)
         if num_feats_per_cls > 1:
             self.self_attentions = nn.ModuleList(
-                _attention(feats_channels, transform_channels, norm_layer, act_layer)
+                context_attention(feats_channels, feats_channels, transform_channels, feats_channels, norm_layer,
+                                  act_layer)
                 for _ in range(num_feats_per_cls))
             self.fuse_memory_conv = ConvNormAct(feats_channels * num_feats_per_cls, feats_channels, 1,
                                                 norm_layer=norm_layer, act_layer=act_layer)
         else:
-            self.self_attention = _attention(feats_channels, transform_channels, norm_layer, act_layer)
+            self.self_attention = context_attention(feats_channels, feats_channels, transform_channels,
+                                                    feats_channels, norm_layer, act_layer)
         self.bottleneck = ConvNormAct(feats_channels * 2, out_channels, 3, norm_layer=norm_layer, act_layer=act_layer)
         if use_context_within_image:
-            self.self_attention_ms = _attention(feats_channels, transform_channels, norm_layer, act_layer)
+            self.self_attention_ms = context_attention(feats_channels, feats_channels, transform_channels,
+                                                       feats_channels, norm_layer, act_layer)
             self.bottleneck_ms = ConvNormAct(feats_channels * 2, out_channels, 3, norm_layer=norm_layer,
                                              act_layer=act_layer)
 
@@ -167,12 +164,8 @@ class MCIBI(SegmentationModel):
             num_classes, feats_channels, transform_channels, out_channels,
             use_context_within_image=context is not None, num_feats_per_cls=num_feats_per_cls,
             use_hard_aggregate=use_hard_aggregate, norm_layer=norm_layer, act_layer=act_layer)
-        self.decoder_stage1 = nn.Sequential(
-            *ConvNormAct(feats_channels, feats_channels, 1, norm_layer=norm_layer, act_layer=act_layer),
-            *classifier(feats_channels, num_classes, dropout))
-        self.decoder_stage2 = nn.Sequential(
-            *ConvNormAct(out_channels, out_channels, 1, norm_layer=norm_layer, act_layer=act_layer),
-            *classifier(out_channels, num_classes, dropout))
+        self.decoder_stage1 = stage_decoder(feats_channels, feats_channels, num_classes, dropout, norm_layer, act_layer)
+        self.decoder_stage2 = stage_decoder(out_channels, out_channels, num_classes, dropout, norm_layer, act_layer)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = super().features(x)
@@ -221,8 +214,8 @@ class MCIBI(SegmentationModel):
                       epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
         """The toolbox's TRAIN forward: both stages and the auxiliary head; then the memory update from the
         bottleneck features resized to the labels (momentum scaled by ``learning_rate`` when the card says so);
-        from the second epoch on (where the card has ``memory_loss``) the memory loss: stage 2 classifies each memory vector as its
-        class. The memory read by this step's graph and loss is the updated one, as in the toolbox."""
+        from the second epoch on (where the card has ``memory_loss``) the memory loss: stage 2 classifies each
+        memory vector as its class. The memory read by this step's graph and loss is the updated one, as in the toolbox."""
         feats = self.features(x)
         memory_input, preds_stage1, preds_stage2 = self._stages(feats)
         preds = {"loss_cls_stage1": preds_stage1, "loss_cls_stage2": preds_stage2, **self.auxiliary_preds(feats)}
