@@ -44,3 +44,11 @@ class DatasetError(SegtorchError, ValueError):
 
 class UsageError(SegtorchError, ValueError):
     """An argument value that makes no sense (a negative iteration count, an unknown device, ...)."""
+
+
+class MissingExtraError(SegtorchError, RuntimeError):
+    """An optional dependency is not installed; the message names the pip extra that brings it."""
+
+
+class ExportError(SegtorchError, RuntimeError):
+    """An export that cannot be made, or whose file fails its own exactness check (nothing is written)."""
