@@ -66,7 +66,7 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
          auxiliary: bool = False) -> "Segmenter":
     """A ready ``Segmenter`` for checkpoint ``name``: weights loaded, eval mode, on ``device``.
 
-    ``checkpoint``: a local ``.pth``/``.safetensors`` file or a URL; by default the card's weights are fetched
+    ``checkpoint``: a local ``.pth``/``.safetensors``/``.onnx`` (from ``segtorch export``) file or a URL; by default the card's weights are fetched
     (Hugging Face mirror first, then the GitHub release) and cached. ``precision="bf16"/"fp16"`` and
     ``compile=True`` are opt-in speed; fp32 reproduces the toolbox's outputs. ``fuse_bn`` folds BatchNorm into
     the convolutions before it and runs ``predict``/``logits`` in channels-last layout (same outputs to ~1e-6,
@@ -80,6 +80,10 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     device = torch.device(device)
     check_precision(device, precision)
     path = _resolve_checkpoint(card, checkpoint)
+    if path.suffix.lower() == ".onnx":  # written by `segtorch export`: onnxruntime runs the forward passes
+        from .inference.onnx_runtime import load_onnx_segmenter
+
+        return load_onnx_segmenter(card, path, device, precision, compile)
     model = _meta_model(card, auxiliary)
     state, _ = load_for_model(path, model, keep=("auxiliary_decoder.",) if auxiliary else ())
     model = _materialise(model, state).eval()

@@ -100,13 +100,16 @@ def trace_to_onnx(model: torch.nn.Module, path: str | os.PathLike, opset: int = 
     program.save(str(path), external_data=False)
 
 
-def onnx_session(path: str | os.PathLike, device: str | torch.device = "cpu"):
+def onnx_session(path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None):
+    """An onnxruntime session on ``device``'s execution provider; ``threads``: intra-op threads (default: all)."""
     import onnxruntime as ort
 
     from .inference.onnx_runtime import providers_for
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # no warnings about the initialisers the graph optimiser folds
+    if threads:
+        options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=providers_for(device))
 
 
@@ -121,7 +124,10 @@ def check_sizes(model: torch.nn.Module, session, shapes: Sequence[Sequence[int]]
         with torch.inference_mode():
             ref = model64(x.double())
             fp32 = model(x)
-        out = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+        try:
+            out = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+        except Exception as e:  # e.g. an index baked in at the traced size, out of range at this one
+            raise ExportError(f"onnxruntime fails at input {list(shape)}: {str(e).splitlines()[0]}") from e
         if out.shape != ref.shape:
             raise ExportError(f"the exported model gives shape {tuple(out.shape)} at input {list(shape)}, "
                               f"PyTorch {tuple(ref.shape)}")
@@ -193,7 +199,10 @@ def export_model(model: torch.nn.Module, card: ModelCard, out: str | os.PathLike
     model = model.float().cpu().eval()
     with atomic_path(out) as tmp:
         trace_to_onnx(model, tmp, opset)
-        checks = check_sizes(model, onnx_session(tmp), check_shapes)
+        try:
+            checks = check_sizes(model, onnx_session(tmp), check_shapes)
+        except ExportError as e:
+            raise ExportError(f"{out}: not written, {e}") from e
         report = ExportReport(str(out), card.name, opset, TRACE_SHAPE, checks, source_sha256)
         if not all(c.ok for c in checks):
             raise ExportError(f"{out}: not written, the exported graph is not exact at every size\n"

@@ -29,13 +29,13 @@ class OnnxModel(torch.nn.Module):
     """An exported segtorch model run by onnxruntime: ``model(x)`` takes and returns torch tensors (the
     scores come back on ``x``'s device, float32). It has no parameters: callers see no dtype to cast to."""
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None):
         super().__init__()
         from ..export import onnx_session, require_onnx
 
         require_onnx()
         self.path = str(path)
-        self.session = onnx_session(path, device)
+        self.session = onnx_session(path, device, threads)
         self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
