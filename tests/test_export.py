@@ -44,7 +44,7 @@ def run_cli(*args) -> tuple[int, str, str]:
 # ---- the size-dependent pooling --------------------------------------------------------------------------
 def test_size_dependent_pool_equals_adaptive_avg_pool_at_every_size():
     worst = 0.0
-    for h in range(1, 41):
+    for h in range(1, 26):
         for w in (1, 2, 3, 5, 6, 7, 12, 13, 37, 64, 97):
             x = torch.randn(2, 3, h, w, dtype=torch.float64)
             for bins in (1, 2, 3, 6):
@@ -75,16 +75,18 @@ def test_missing_onnxruntime_is_one_line_naming_the_extra(monkeypatch):
 
 
 # ---- one checkpoint per family and backbone kind -------------------------------------------------------
+# every case is a full export (30 s to minutes on a CPU): all marked slow; the quick suite still exports the
+# demo PSPNet (quarter-width ResNet-50) below, through the command, with the same self-check
 # ViT-L and Swin-L keep their width, heads, patch and window sizes but repeat fewer identical blocks (the export
 # of the full depth is the same graph, longer: minutes per model on a CPU; benchmarks are not needed for it)
 VIT_L_SHALLOW = {"num_layers": 4, "out_indices": [0, 1, 2, 3]}
 SWIN_L_SHALLOW = {"depths": [2, 2, 2, 2]}
 FAMILIES = [
-    pytest.param("pspnet_resnet50os8_ade20k", {}, id="pspnet-r50"),
-    pytest.param("upernet_resnet50os8_ade20k", {}, id="upernet-r50"),
-    pytest.param("isnet_resnet50os8_ade20k", {}, id="isnet-r50"),
-    pytest.param("mcibi_deeplabv3_resnet50os8_ade20k", {}, id="mcibi-r50"),
-    pytest.param("idrnet_upernet_resnet50os8_ade20k", {}, id="idrnet-upernet-r50"),
+    pytest.param("pspnet_resnet50os8_ade20k", {}, id="pspnet-r50", marks=pytest.mark.slow),
+    pytest.param("upernet_resnet50os8_ade20k", {}, id="upernet-r50", marks=pytest.mark.slow),
+    pytest.param("isnet_resnet50os8_ade20k", {}, id="isnet-r50", marks=pytest.mark.slow),
+    pytest.param("mcibi_deeplabv3_resnet50os8_ade20k", {}, id="mcibi-r50", marks=pytest.mark.slow),
+    pytest.param("idrnet_upernet_resnet50os8_ade20k", {}, id="idrnet-upernet-r50", marks=pytest.mark.slow),
     pytest.param("isnet_resnest101os8_ade20k", {}, id="isnet-resnest101", marks=pytest.mark.slow),
     pytest.param("mcibi_deeplabv3_hrnetv2w48_ade20k", {}, id="mcibi-hrnetw48", marks=pytest.mark.slow),
     pytest.param("mcibi_deeplabv3_vitlarge_ade20k", VIT_L_SHALLOW, id="mcibi-vitl-4layers", marks=pytest.mark.slow),
