@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import segtorch  # noqa: E402
-from parity import SEEDS_DIR, relative_error, seeded_input, seeded_state_dict  # noqa: E402
+from parity import UPSTREAM_DIR as SEEDS_DIR, relative_error, seeded_input, seeded_state_dict  # noqa: E402
 from segtorch.inference.precision import cpu_flags, cpu_supports_bf16  # noqa: E402
 
 TTA_NAME = "pspnet_resnet50os8_ade20k"
