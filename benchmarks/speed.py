@@ -1,6 +1,6 @@
 """Inference speed and memory: segtorch vs the SSSegmentation toolbox, same weights and input, side by side.
 
-    python benchmarks/speed.py [--repeats 3] [--threads 2] [--skip-memory] [--device cpu|cuda]
+    python benchmarks/speed.py [--repeats 3] [--threads 2] [--skip-memory] [--device cpu|cuda] [--onnx]
 
 Cases (weights are random, seeded; both sides load the same state dict):
   tta       PSPNet R-50-D8 ADE20K, 300x420 image, slide 256x256 stride 171, scales 0.75/1/1.25 + flip
@@ -10,6 +10,8 @@ Cases (weights are random, seeded; both sides load the same state dict):
   memory    peak resident memory of a 2048x1024 slide inference (crop 512x1024, stride 341x683, 19 classes,
             PSPNet R-50-D8 Cityscapes), each side in a fresh process.
   gpu       with --device cuda: batched crops under fp16 autocast vs the toolbox in fp32.
+  onnx      with --onnx: the tta case's model exported by ``segtorch export`` and run by onnxruntime (CPU,
+            same threads) through the same ``Segmenter.logits``, beside eager fp32: times, ratio, agreement.
 Timings are interleaved (toolbox, segtorch, toolbox, ...) and the median is reported with the ratio.
 """
 from __future__ import annotations
@@ -180,6 +182,33 @@ def case_tta(args, have_toolbox: bool) -> None:
         print(line)
 
 
+def case_onnx(args) -> None:
+    """onnxruntime (CPU) vs eager fp32 on the tta case: same weights, same input, same test procedure."""
+    from segtorch.export import export
+    from segtorch.inference.onnx_runtime import OnnxModel
+
+    print(f"\n== onnx: {TTA_NAME} exported, onnxruntime CPU vs eager fp32, tta case, {args.threads} threads ==")
+    x = seeded_input((1, 3, 300, 420))
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = random_checkpoint(TTA_NAME, Path(tmp))
+        eager = segtorch.load(TTA_NAME, checkpoint=ckpt)
+        _, t_export = timed(export, TTA_NAME, Path(tmp) / "m.onnx", ckpt)
+        ort_seg = segtorch.Segmenter(OnnxModel(Path(tmp) / "m.onnx", threads=args.threads), eager.card)
+        print(f"export (trace + self-check): {t_export:.0f} s")
+        runs = {"eager": [], "onnxruntime": []}
+        eager.logits(x, **TTA), ort_seg.logits(x, **TTA)  # warm-up
+        for _ in range(args.repeats):  # interleaved
+            eager_out, t = timed(lambda: eager.logits(x, **TTA))
+            runs["eager"].append(t)
+            ort_out, t = timed(lambda: ort_seg.logits(x, **TTA))
+            runs["onnxruntime"].append(t)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    for k, v in runs.items():
+        print(f"{k:<12} {med[k]:.2f} s (runs {', '.join(f'{t:.2f}' for t in v)})")
+    print(f"ratio eager / onnxruntime: {med['eager'] / med['onnxruntime']:.2f}x; relative error "
+          f"{relative_error(ort_out, eager_out):.1e}, label agreement {agreement(ort_out, eager_out):.3f}%")
+
+
 MEMORY_CHILD = r"""
 import json, sys, torch
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {bench!r})
@@ -240,6 +269,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compile on CPU)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print where segtorch's fp32 time goes, by operator")
+    ap.add_argument("--onnx", action="store_true", help="also time onnxruntime (CPU) on the tta case")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     flags = cpu_flags()
@@ -255,6 +285,8 @@ def main() -> None:
         have_toolbox = False
         print("the toolbox (ssseg) is not importable: its side and the ratios are skipped")
     case_tta(args, have_toolbox)
+    if args.onnx:
+        case_onnx(args)
     if not args.skip_memory and args.device == "cpu":
         case_memory(args, have_toolbox)
 

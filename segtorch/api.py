@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import ConversionReport, convert_checkpoint, load_for_model, meta_model, optional_keys
+from .checkpoint import (CheckpointError, ConversionReport, convert_checkpoint, load_for_model, meta_model,
+                         optional_keys)
 from .registry import ModelCard, model_card
 
 if TYPE_CHECKING:
@@ -40,18 +41,43 @@ def _materialise(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torc
     return model
 
 
+def _is_url(checkpoint) -> bool:
+    return str(checkpoint).startswith(("http://", "https://"))
+
+
 def _resolve_checkpoint(card: ModelCard, checkpoint: str | os.PathLike | None) -> Path:
     if checkpoint is not None:
-        text = str(checkpoint)
-        if text.startswith(("http://", "https://")):
+        if _is_url(checkpoint):
             from .checkpoint import check_format
             from .downloads import download
 
-            return download(text, validate=check_format)  # a web page or a cut file is discarded, not cached
+            return download(str(checkpoint), validate=check_format)  # a web page or a cut file is not cached
         return Path(checkpoint).expanduser()
     from .weights import fetch_weights
 
     return fetch_weights(card)
+
+
+def model_with_weights(card: ModelCard, checkpoint: str | os.PathLike | None = None, *, auxiliary: bool = False,
+                       path: Path | None = None) -> tuple[torch.nn.Module, Path]:
+    """``(model, weights file)``: the card's architecture with the checkpoint's weights (the card's own by
+    default), float32 whatever the file stores, eval mode, unfused and NCHW: the toolbox's layout. ``path``: the
+    already resolved file of ``checkpoint``."""
+    path = path or _resolve_checkpoint(card, checkpoint)
+    model = meta_model(card, auxiliary)
+    try:
+        state, _ = load_for_model(path, model, keep=("auxiliary_decoder.",) if auxiliary else ())
+    except CheckpointError as e:
+        if checkpoint is not None and _is_url(checkpoint):
+            # downloaded whole but unusable (a page that looked like a checkpoint, another model's file): never
+            # keep it, so that the next run fetches it again
+            from .downloads import forget
+
+            forget(str(checkpoint))
+            raise CheckpointError(f"{e}; the download was removed from the cache") from None
+        raise
+    # a file stored in fp16/bf16 must not make the model run in that dtype: reduced precision is autocast's job
+    return _materialise(model, state).float().eval(), path
 
 
 def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
@@ -60,8 +86,9 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     """A ready ``Segmenter`` for checkpoint ``name``: weights loaded (in float32, whatever the file stores),
     eval mode, on ``device``.
 
-    ``checkpoint``: a local ``.pth``/``.safetensors`` file or a URL; by default the card's weights are fetched
-    (Hugging Face mirror first, then the GitHub release) and cached. ``precision="bf16"/"fp16"`` (autocast
+    ``checkpoint``: a local ``.pth``/``.safetensors`` file, an ``.onnx`` file from ``segtorch export`` (run by
+    onnxruntime), or a URL; by default the card's weights are fetched (Hugging Face mirror first, then the GitHub
+    release) and cached. ``precision="bf16"/"fp16"`` (autocast
     over float32 weights) and ``compile=True`` are opt-in speed; fp32 reproduces the toolbox's outputs.
     ``fuse_bn`` folds BatchNorm into the convolution before it (``seg.model``'s state dict then differs from
     the toolbox's layout); ``channels_last`` runs ``predict``/``logits`` in NHWC layout. Both change only
@@ -76,10 +103,11 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     device = torch.device(device)
     check_precision(device, precision)
     path = _resolve_checkpoint(card, checkpoint)
-    model = meta_model(card, auxiliary)
-    state, _ = load_for_model(path, model, keep=("auxiliary_decoder.",) if auxiliary else ())
-    # a file stored in fp16/bf16 must not make the model run in that dtype: reduced precision is autocast's job
-    model = _materialise(model, state).float().eval()
+    if path.suffix.lower() == ".onnx":  # written by `segtorch export`: onnxruntime runs the forward passes
+        from .inference.onnx_runtime import load_onnx_segmenter
+
+        return load_onnx_segmenter(card, path, device, precision, compile)
+    model, _ = model_with_weights(card, checkpoint, auxiliary=auxiliary, path=path)
     if fuse_bn is None:
         fuse_bn = not auxiliary and fast_path_defaults(card.architecture["backbone"]["name"])[0]
     if fuse_bn:

@@ -81,6 +81,8 @@ def markdown_table(cards) -> str:
 def cmd_info(args) -> int:
     from .registry import model_card
 
+    if args.name.lower().endswith(".onnx"):
+        return _info_onnx(args)
     card = model_card(args.name)
     if args.json:
         print(json.dumps(card.to_dict(), indent=2))
@@ -111,6 +113,38 @@ def cmd_info(args) -> int:
           f"{t.get('batch_size')} ({t.get('batch_size_per_gpu')} per GPU), from {t.get('pretrain') or 'scratch'}")
     if t.get("command"):
         print(f"trained with:  {t['command']}")
+    return 0
+
+
+def _info_onnx(args) -> int:
+    """The metadata ``segtorch export`` wrote into an ONNX file."""
+    from .export import read_metadata
+
+    meta = read_metadata(args.name)
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    names = meta.get("class_names", [])
+    print(f"file:          {args.name}")
+    print(f"model:         {meta['model']} (exported by segtorch {meta.get('version')}, opset {meta.get('opset')})")
+    print(f"source sha256: {meta.get('source_sha256')}")
+    print(f"classes:       {meta.get('num_classes')}: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
+    print(f"palette:       {len(meta.get('palette', []))} colours, first {meta.get('palette', [None])[0]}")
+    print(f"input:         {meta.get('input')}")
+    print(f"output:        {meta.get('output')}")
+    print(f"preprocess:    {json.dumps(meta.get('preprocess'))}")
+    print(f"inference:     {json.dumps(meta.get('inference'))}")
+    for check in meta.get("error", []):
+        print(f"error:         {check['shape']}: onnxruntime {check['onnx_error']:.2e} vs float64 (float32 PyTorch "
+              f"{check['torch_error']:.2e}, bound {check['bound']:.2e})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    report = export(args.name, args.out, checkpoint=args.checkpoint, opset=args.opset)
+    print(report.summary())
     return 0
 
 
@@ -146,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")
     s.set_defaults(func=cmd_list)
 
-    s = sub.add_parser("info", help="show a model card")
-    s.add_argument("name")
+    s = sub.add_parser("info", help="show a model card (or an exported .onnx file's metadata)")
+    s.add_argument("name", help="a model name, or FILE.onnx written by `segtorch export`")
     s.add_argument("--json", action="store_true", help="the whole card as JSON")
     s.set_defaults(func=cmd_info)
 
@@ -157,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True, help="the model the checkpoint belongs to")
     s.add_argument("--keep-auxiliary", action="store_true", help="keep the auxiliary head (for fine-tuning)")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("export", help="export a model to ONNX (dynamic batch and size, checked against PyTorch)")
+    s.add_argument("name", help="the model")
+    s.add_argument("--checkpoint", help="a local .pth/.safetensors or a URL (default: the card's weights)")
+    s.add_argument("--out", required=True, help="the .onnx file to write")
+    s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("download", help="fetch and cache model weights")
     s.add_argument("names", nargs="+")

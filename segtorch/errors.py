@@ -48,3 +48,11 @@ class UsageError(SegtorchError, ValueError):
 
 class CardError(SegtorchError, ValueError):
     """A model card that cannot describe a model (an unknown name, a head that does not fit its backbone)."""
+
+
+class MissingExtraError(SegtorchError, RuntimeError):
+    """An optional dependency is not installed; the message names the pip extra that brings it."""
+
+
+class ExportError(SegtorchError, RuntimeError):
+    """An export that cannot be made, or whose file fails its own exactness check (nothing is written)."""

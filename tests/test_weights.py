@@ -271,3 +271,19 @@ def test_info_of_shipped_weights():
     lines = dict(line.split(":", 1) for line in run.stdout.splitlines())
     assert str(shipped) in lines["weights"] and sha256_file(shipped) in lines["sha256"]
     assert "trusted on first use" not in run.stdout
+
+
+def test_checkpoint_url_that_fails_loading_is_not_kept(env, server, release_bytes):
+    # issue 14.2: a URL that served a whole, well-formed file that is not this model's checkpoint (here another
+    # architecture's weights) is refused, and the cached copy is removed, so that the next run fetches again
+    other = io.BytesIO()
+    torch.save({"model": {"conv.weight": torch.zeros(2, 2)}}, other)
+    path = "/files/model.pth"
+    server.files[path] = other.getvalue()
+    url = server.url(path)
+    with pytest.raises(segtorch.CheckpointError, match="removed from the cache"):
+        segtorch.load(DEMO, checkpoint=url)
+    assert list((env / "checkpoints").glob("model*.pth")) == []
+    server.files[path] = release_bytes  # the server now has the right file: it is fetched, not served stale
+    seg = segtorch.load(DEMO, checkpoint=url)
+    assert seg.card.name == DEMO and len(server.gets(path, full=True)) == 2

@@ -213,6 +213,6 @@ class HRNet(nn.Module):
             xs = [xs[i] if layer is None else layer(xs[i] if i < len(xs) else xs[-1])
                   for i, layer in enumerate(transition)]
             xs = getattr(self, f"stage{s}")(xs)
-        size = (max(y.shape[2] for y in xs), max(y.shape[3] for y in xs))
+        size = xs[0].shape[2:]  # the stride-4 branch is the largest (each stride-2 conv gives ceil(n / 2))
         out = torch.cat([F.interpolate(y, size=size, mode="bilinear", align_corners=False) for y in xs], dim=1)
         return (out,)

@@ -11,6 +11,46 @@ from ..layers import ActLayer, ConvNormAct, NormLayer, classifier
 from ..segmentor import SegmentationModel
 
 
+def adaptive_pool_matrix(size: int | torch.Tensor, bins: int, device: torch.device, dtype: torch.dtype
+                         ) -> torch.Tensor:
+    """``(bins, size)`` averaging weights of ``adaptive_avg_pool`` along one axis: bin ``i`` covers
+    ``[floor(i * size / bins), ceil((i + 1) * size / bins))``. Written with integer comparisons only
+    (``(h + 1) * bins > i * size`` and ``h * bins < (i + 1) * size``), so that an exported graph computes the
+    bins from the input size at run time instead of freezing the traced size's bins."""
+    pos = torch.arange(size, device=device).unsqueeze(0)
+    i = torch.arange(bins, device=device).unsqueeze(1)
+    inside = ((pos + 1) * bins > i * size) & (pos * bins < (i + 1) * size)
+    weights = inside.to(dtype)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+class AdaptiveAvgPool(nn.Module):
+    """``nn.AdaptiveAvgPool2d(bins)`` whose exported graph stays right at every input size.
+
+    Eager runs use ``F.adaptive_avg_pool2d`` (the toolbox's kernel, bit for bit); while exporting to ONNX the
+    same averages are two matrix products with weights built from the input size (``adaptive_pool_matrix``):
+    the exporters otherwise bake the traced size's bins into the graph."""
+
+    def __init__(self, bins: int):
+        super().__init__()
+        self.bins = int(bins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return F.adaptive_avg_pool2d(x, self.bins)
+        return size_dependent_avg_pool(x, self.bins)
+
+    def extra_repr(self) -> str:
+        return f"bins={self.bins}"
+
+
+def size_dependent_avg_pool(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, bins)`` as ``P_h @ x @ P_w^T`` (equal up to rounding at every size)."""
+    rows = adaptive_pool_matrix(x.shape[2], bins, x.device, x.dtype)
+    cols = adaptive_pool_matrix(x.shape[3], bins, x.device, x.dtype)
+    return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
 class PyramidPoolingModule(nn.Module):
     """Average-pool to each scale, 1x1 conv, upsample back, concatenate with the input, 3x3 conv."""
 
@@ -19,7 +59,7 @@ class PyramidPoolingModule(nn.Module):
         super().__init__()
         self.align_corners = align_corners
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale),
+            nn.Sequential(AdaptiveAvgPool(scale),
                           *ConvNormAct(in_channels, out_channels, 1, norm_layer=norm_layer, act_layer=act_layer))
             for scale in pool_scales)
         # named "fuse_layer" before 2020-12-14: see checkpoint.LEGACY_KEY_RULES
