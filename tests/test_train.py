@@ -318,7 +318,7 @@ def test_config_from_card_and_refusals(tmp_path):
 
 
 def test_train_command_bad_input(tmp_path):
-    from segtorch.train.commands import add_train_parser
+    from segtorch.cli.train import add_parser as add_train_parser
 
     parser = argparse.ArgumentParser(prog="segtorch")
     add_train_parser(parser.add_subparsers(dest="command"))
@@ -341,7 +341,7 @@ def test_fine_tuning_with_other_classes_starts_the_training_state_afresh(name, t
     classes they start as in a fresh toolbox model (and the log says so); the rest is loaded."""
     import segtorch
     from segtorch.models.builder import build_segmentation_model
-    from segtorch.train.commands import build_model
+    from segtorch.train.finetune import build_model
 
     card = segtorch.model_card(name)
     torch.manual_seed(0)
