@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..argtypes import nonnegative_int, positive_int
+from ..argtypes import PRECISIONS, nonnegative_int, positive_int
 from ..errors import UsageError
 
 # torch, numpy and the datasets are imported when a command runs, not when the CLI builds its parser
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, help="evaluate the first N images only")
     p.add_argument("--split", help="dataset split (default: the split the card reports on)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32 reproduces the toolbox; bf16/fp16 are faster (the fp32 run is repeated to print "
                         "their accuracy cost)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON (and Markdown beside it, .md)")

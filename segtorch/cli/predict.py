@@ -19,6 +19,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from ..argtypes import PRECISIONS
 from ..errors import SegtorchError
 from ..imageops import IMAGE_SUFFIXES
 
@@ -35,7 +36,7 @@ def add_parser(subparsers):
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     s.add_argument("--tta", action="store_true", help="the card's multi-scale + flip settings")
     s.add_argument("--mode", choices=("whole", "slide"), help="override the card's inference mode")
-    s.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 reproduces the toolbox; bf16 (CPU with AVX512-BF16/AMX, or CUDA) and fp16 (CUDA) "
                         "are faster")
     s.add_argument("--compile", action="store_true", help="torch.compile the model (pays off over many images)")
