@@ -2,7 +2,7 @@
 
     python benchmarks/fast_path.py [--size 97x75] [--threads 2] [--names NAME ...]
 
-For one checkpoint per backbone (random weights drawn as the toolbox initialises them, tests/parity.py),
+For one checkpoint per backbone (random weights drawn as the toolbox initialises them, segtorch.testing),
 four fp32 variants of the same model: plain NCHW (the toolbox's own arithmetic), BatchNorm folded,
 channels-last, and both. Each is compared with the model run in float64; the ratio to the plain model's
 error is what ``load``'s per-backbone defaults (segtorch/inference/fast_path.py) are held to (<= 2x, or 1e-5).
@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
 import segtorch  # noqa: E402
-from parity import relative_error, seeded_input, seeded_state_dict  # noqa: E402
 from segtorch.inference.fuse import fold_batchnorm  # noqa: E402
 from segtorch.segmenter import ChannelsLast  # noqa: E402
+from segtorch.testing import relative_error, seeded_input, seeded_state_dict  # noqa: E402
 
 NAMES = ["pspnet_resnet50os8_ade20k", "pspnet_resnet101os8_ade20k", "isnet_resnest101os8_ade20k",
          "mcibi_deeplabv3_hrnetv2w48_ade20k", "upernet_vitlarge_ade20k", "upernet_swinlarge_ade20k"]

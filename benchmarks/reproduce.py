@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout works without installing
 
-from segtorch.evaluation.reproduce import main  # noqa: E402
+from segtorch.cli.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(prog="reproduce.py"))

@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 import segtorch  # noqa: E402
-from parity import UPSTREAM_DIR, relative_error, seeded_input, seeded_state_dict  # noqa: E402
 from segtorch.inference.precision import cpu_flags, cpu_supports_bf16  # noqa: E402
+from segtorch.testing import UPSTREAM_DIR, relative_error, seeded_input, seeded_state_dict  # noqa: E402
 
 TTA_NAME = "pspnet_resnet50os8_ade20k"
 TTA = {"mode": "slide", "crop_size": (256, 256), "stride": (171, 171), "scales": (0.75, 1.0, 1.25), "flip": True}
@@ -147,7 +146,7 @@ def case_tta(args, have_toolbox: bool) -> None:
     print(f"  model forward passes: {timer.seconds:.2f} s in {timer.calls} batched calls of {total:.2f} s "
           f"-> everything else {100 * (total - timer.seconds) / total:.1f}% (target <= 10%)")
     if ref is not None:
-        from parity import reference_logits
+        from segtorch.testing import reference_logits
 
         # the toolbox's own network over the same crops, one at a time as its slide inference runs them
         bare = ForwardTimer(lambda crops: torch.cat([reference_logits(ref, c[None]) for c in crops.cpu()]))
@@ -211,9 +210,9 @@ def case_onnx(args) -> None:
 
 MEMORY_CHILD = r"""
 import json, sys, torch
-sys.path.insert(0, {tests!r}); sys.path.insert(0, {bench!r})
+sys.path.insert(0, {bench!r})
 torch.set_num_threads({threads})
-from parity import seeded_input
+from segtorch.testing import seeded_input
 side, ckpt = {side!r}, {ckpt!r}
 inference = {{"mode": "slide", "crop_size": (512, 1024), "stride": (341, 683), "scales": (1.0,), "flip": False}}
 x = seeded_input((1, 3, 1024, 2048))
@@ -245,7 +244,7 @@ def case_memory(args, have_toolbox: bool) -> None:
         ckpt = random_checkpoint(MEM_NAME, Path(tmp))
         result = {}
         for side in (["toolbox"] if have_toolbox else []) + ["segtorch"]:
-            code = HWM + MEMORY_CHILD.format(tests=str(ROOT / "tests"), bench=str(ROOT / "benchmarks"), side=side,
+            code = HWM + MEMORY_CHILD.format(bench=str(ROOT / "benchmarks"), side=side,
                                        ckpt=str(ckpt), name=MEM_NAME, threads=args.threads)
             t0 = time.perf_counter()
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -48,9 +48,9 @@ def main() -> None:
     ap.add_argument("--name", default="pspnet_resnet101os8_ade20k")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "tests"))
     import torch
-    from parity import UPSTREAM_DIR, seeded_state_dict
+
+    from segtorch.testing import UPSTREAM_DIR, seeded_state_dict
 
     import segtorch
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+# the precisions segtorch runs at (fp32 reproduces the toolbox; see segtorch.inference.precision)
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 
 def positive_int(text: str) -> int:
     value = _int(text)

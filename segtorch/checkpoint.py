@@ -249,6 +249,20 @@ def load_for_model(path: str | os.PathLike, model: torch.nn.Module, keep: Iterab
     return state, report
 
 
+def load_matching(path: str | os.PathLike, model: torch.nn.Module, keep: Iterable[str] = ()
+                  ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """For fine-tuning: ``(state, reshaped, missing)``: the file's tensors (read and adapted as
+    ``load_for_model`` does) whose key and shape fit ``model``; the keys whose shape differs (e.g. the
+    classifiers of another number of classes) and those the file lacks, both left to the model's own init."""
+    state, _, _ = read_file(path)
+    expected = model.state_dict()
+    state, _, _ = adapt_state_dict(state, expected, keep)
+    reshaped = sorted(k for k, v in state.items() if k in expected and v.shape != expected[k].shape)
+    state = {k: v for k, v in state.items() if k in expected and k not in reshaped}
+    missing = sorted(k for k in expected if k not in state and k not in optional_keys(model))
+    return state, reshaped, missing
+
+
 def safetensors_metadata(name: str, source_sha256: str | None, report: ConversionReport | None = None) -> dict:
     from . import __version__
 

@@ -24,9 +24,12 @@ from typing import Sequence
 import torch
 
 from . import __version__
-from .errors import ExportError, MissingExtraError
+from .errors import ExportError
 from .files import atomic_path, sha256_file
+from .inference.onnx_runtime import (INPUT_NAME, META_PREFIX, OUTPUT_NAME, onnx_session,  # noqa: F401 - re-exported
+                                     read_metadata, require_onnx)
 from .registry import ModelCard, model_card
+from .testing import relative_error
 
 # a batch of 2: the tracer would fix a batch dimension of 1 as a constant
 TRACE_SHAPE = (2, 3, 128, 160)
@@ -35,19 +38,6 @@ CHECK_SHAPES = ((1, 3, 97, 129), (2, 3, 150, 203))
 ERROR_FACTOR = 4.0
 ERROR_FLOOR = 2e-5
 DEFAULT_OPSET = 18
-META_PREFIX = "segtorch."
-INPUT_NAME, OUTPUT_NAME = "images", "scores"
-
-
-def require_onnx(*, exporting: bool = False) -> None:
-    """One line naming the missing package and the extra that brings it."""
-    needed = ("onnx", "onnxruntime", "onnxscript") if exporting else ("onnxruntime",)
-    for module in needed:
-        try:
-            __import__(module)
-        except ImportError:
-            raise MissingExtraError(f"{module} is not installed: pip install 'segtorch[export]' "
-                                    f"(onnx, onnxruntime, onnxscript)") from None
 
 
 @dataclasses.dataclass
@@ -79,12 +69,6 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||`` in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
 def trace_to_onnx(model: torch.nn.Module, path: str | os.PathLike, opset: int = DEFAULT_OPSET,
                   trace_shape: Sequence[int] = TRACE_SHAPE) -> None:
     """Write ``model`` (eval mode, float32, on the CPU) as ONNX with dynamic batch, height and width."""
@@ -103,19 +87,6 @@ def trace_to_onnx(model: torch.nn.Module, path: str | os.PathLike, opset: int = 
     except Exception as e:  # an opset the exporter cannot target, or an operator it cannot express
         raise ExportError(f"torch.onnx.export failed for opset {opset}: {str(e).splitlines()[0]}") from e
     program.save(str(path), external_data=False)
-
-
-def onnx_session(path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None):
-    """An onnxruntime session on ``device``'s execution provider; ``threads``: intra-op threads (default: all)."""
-    import onnxruntime as ort
-
-    from .inference.onnx_runtime import providers_for
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # no warnings about the initialisers the graph optimiser folds
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=providers_for(device))
 
 
 def check_sizes(model: torch.nn.Module, session, shapes: Sequence[Sequence[int]] = CHECK_SHAPES
@@ -162,28 +133,6 @@ def metadata(card: ModelCard, source_sha256: str | None, opset: int, checks: Seq
         "error": [dataclasses.asdict(c) for c in checks],
     }
     return {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
-
-
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The ``segtorch.*`` metadata of an exported file, JSON values decoded; a file without it is refused."""
-    require_onnx(exporting=True)
-    import onnx
-
-    path = Path(path)
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise ExportError(f"{path}: not a readable ONNX file ({type(e).__name__}: {e})") from None
-    meta = {}
-    for prop in proto.metadata_props:
-        if prop.key.startswith(META_PREFIX):
-            try:
-                meta[prop.key[len(META_PREFIX):]] = json.loads(prop.value)
-            except json.JSONDecodeError:
-                meta[prop.key[len(META_PREFIX):]] = prop.value
-    if "model" not in meta:
-        raise ExportError(f"{path}: an ONNX file without segtorch metadata; export it with `segtorch export`")
-    return meta
 
 
 def _write_metadata(path: Path, props: dict[str, str]) -> None:

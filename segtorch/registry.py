@@ -16,7 +16,6 @@ import functools
 import os
 import re
 import sys
-import types
 from pathlib import Path
 from typing import Any, Mapping
 from .errors import UnknownModelError  # noqa: F401 - re-exported
@@ -25,10 +24,43 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 HF_ORG_ENV = "SEGTORCH_HF_ORG"
 
 
+class ReadOnlyMapping(Mapping):
+    """A mapping that cannot be changed and, unlike ``types.MappingProxyType``, can be pickled: a card goes to
+    DataLoader workers and to the processes of a distributed run."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data=()):
+        object.__setattr__(self, "_data", dict(data))
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __reduce__(self):
+        return (type(self), (self._data,))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._data!r})"
+
+    def __eq__(self, other) -> bool:
+        return dict(self._data) == dict(other) if isinstance(other, Mapping) else NotImplemented
+
+    __hash__ = None
+
+
 def freeze(value):
-    """A read-only copy: mappings -> ``MappingProxyType``, lists -> tuples, all the way down."""
+    """A read-only copy: mappings -> ``ReadOnlyMapping``, lists -> tuples, all the way down."""
     if isinstance(value, Mapping):
-        return types.MappingProxyType({k: freeze(v) for k, v in value.items()})
+        return ReadOnlyMapping({k: freeze(v) for k, v in value.items()})
     if isinstance(value, (list, tuple)):
         return tuple(freeze(v) for v in value)
     return value
@@ -96,14 +128,14 @@ class Inference:
     tta: InferenceSettings
     tta_source: str
     alternatives: Mapping[str, InferenceSettings] = dataclasses.field(
-        default_factory=lambda: types.MappingProxyType({}))
+        default_factory=ReadOnlyMapping)
 
     @classmethod
     def from_table(cls, table: Mapping) -> "Inference":
         alternatives = {k: InferenceSettings.from_table(v) for k, v in table.get("alternatives", {}).items()}
         return cls(default=InferenceSettings.from_table(table["default"]),
                    tta=InferenceSettings.from_table(table["tta"]), tta_source=table["tta_source"],
-                   alternatives=types.MappingProxyType(alternatives))
+                   alternatives=ReadOnlyMapping(alternatives))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from .registry import ModelCard
+from .errors import UsageError
 
 
 class ChannelsLast(torch.nn.Module):
@@ -127,7 +128,7 @@ class Segmenter:
         if images.ndim == 3:
             images = images[None]
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"logits takes an image (path, PIL, HxWx3 uint8) or normalised float images "
+            raise UsageError(f"logits takes an image (path, PIL, HxWx3 uint8) or normalised float images "
                              f"N x 3 x H x W; got a {images.dtype} tensor of shape {tuple(images.shape)}")
         if images.numel() and float(images.amax()) > 20:
             warnings.warn(f"logits: input values reach {float(images.amax()):.0f}; it expects images normalised "

@@ -11,14 +11,14 @@ import filecmp
 import importlib.util
 import subprocess
 import sys
-import types
+import pickle
 from pathlib import Path
 
 import pytest
 
 import segtorch
 from parity import UPSTREAM_DIR, upstream_configs
-from segtorch.registry import Inference, Preprocess, thaw
+from segtorch.registry import Inference, Preprocess, ReadOnlyMapping, thaw
 
 ROOT = Path(__file__).resolve().parents[1]
 with open(UPSTREAM_DIR / "checkpoints.tsv", newline="") as _f:
@@ -180,13 +180,17 @@ def test_cards_are_read_only():
         card.preprocess.keep_ratio = False
     with pytest.raises(dataclasses.FrozenInstanceError):
         card.inference.tta.flip = False
-    assert isinstance(card.inference.alternatives, types.MappingProxyType)
+    assert isinstance(card.inference.alternatives, ReadOnlyMapping)
+    with pytest.raises(TypeError):
+        card.inference.alternatives["x"] = card.inference.tta
     assert isinstance(card.architecture["backbone_outputs"], tuple)
     assert isinstance(card.inference.tta.flip_pairs[0], tuple)
     # to_dict is a plain, independent copy
     plain = card.to_dict()
     plain["architecture"]["num_classes"] = 5
     assert segtorch.model_card("isnet_resnet101os8_lip").architecture["num_classes"] == 20
+    # cards travel to DataLoader workers and distributed processes: they pickle and come back equal
+    assert pickle.loads(pickle.dumps(card)) == card and copy.deepcopy(card) == card
 
 
 def test_a_head_that_does_not_fit_its_backbone_is_refused():

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def segtorch(*args):
@@ -139,3 +140,13 @@ def test_cli_user_error_is_one_line(tmp_path):
     out = segtorch("convert", str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors"), "--name",
                    "demo_pspnet_shapes")
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "missing.pth" in out.stderr
+
+
+def test_precision_the_hardware_lacks_is_one_line(tmp_path):
+    # fp16 autocast is offered on CUDA only: a user's mistake, so one line and exit 1, not a traceback
+    out = subprocess.run([sys.executable, "-m", "segtorch", "predict", "model_cards/demo/example.png", "--precision",
+                          "fp16", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.count("\n") == 1 and "fp16" in out.stderr and "CUDA" in out.stderr, out.stderr
+    assert not (tmp_path / "out").exists()

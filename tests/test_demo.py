@@ -73,7 +73,7 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_readme_model_table_matches_the_cards():
-    from segtorch.cli import markdown_table
+    from segtorch.cli.models import markdown_table
 
     table = markdown_table([segtorch.model_card(n) for n in segtorch.list_models()])
     assert table in (ROOT / "README.md").read_text()

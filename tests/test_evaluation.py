@@ -19,7 +19,7 @@ from segtorch.data import ADE20K, IGNORE_INDEX
 from toolbox import require_toolbox_file
 
 from segtorch.evaluation import ConfusionMatrix, EvalResult, evaluate, write_results
-from segtorch.evaluation.reproduce import main as reproduce_main
+from segtorch.cli.evaluate import main as reproduce_main
 from test_data import make_ade20k
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,9 +223,9 @@ def test_reproduce_script_and_eval_subcommand(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "isnet_resnet50os8_lip",
                           "--data-root", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and out.stderr.strip() == f"reproduce.py: error: {tmp_path}/missing: no such directory"
-    from segtorch.train.commands import add_eval_parser
+    from segtorch.cli.evaluate import add_parser as add_eval_parser
 
     parser = argparse.ArgumentParser(prog="segtorch")
     add_eval_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "isnet_resnet50os8_lip", "--data-root", str(tmp_path), "--tta", "--limit", "3"])
-    assert args.func.__name__ == "cmd_eval" and args.tta and args.limit == 3 and args.models == ["isnet_resnet50os8_lip"]
+    assert args.func.__name__ == "run" and args.tta and args.limit == 3 and args.models == ["isnet_resnet50os8_lip"]

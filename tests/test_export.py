@@ -7,7 +7,6 @@ size here. Weights are the parity tests' seeded ones (nothing damped) or the dem
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import sys
 from pathlib import Path
@@ -96,11 +95,11 @@ FAMILIES = [
 
 
 def seeded_model(name: str, backbone_overrides: dict) -> torch.nn.Module:
-    from segtorch.models.segmentor import build_segmentor
+    from segtorch.models.builder import build_segmentation_model
 
-    arch = copy.deepcopy(segtorch.model_card(name).architecture)
+    arch = segtorch.model_card(name).to_dict()["architecture"]  # a plain, editable copy
     arch["backbone"].update(backbone_overrides)
-    model = build_segmentor(arch).eval()
+    model = build_segmentation_model(arch).eval()
     model.load_state_dict(seeded_state_dict(model.state_dict()))
     return model
 

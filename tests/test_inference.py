@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import segtorch
 from parity import relative_error, seeded_state_dict
 from segtorch.inference import (ImageReadError, autocast_context, colorize, fold_batchnorm, infer_logits, legend,
                                 overlay, predict_labels, preprocess, read_image, resized_size, slide_windows)
@@ -518,10 +519,10 @@ def test_autocast_context(monkeypatch):
     assert autocast_context("cpu", "fp32").__enter__() is None
     with pytest.raises(ValueError, match="precision"):
         autocast_context("cpu", "int8")
-    with pytest.raises(RuntimeError, match="only offered on CUDA"):
+    with pytest.raises(segtorch.UsageError, match="only offered on CUDA"):  # one line in the CLI
         autocast_context("cpu", "fp16")
     monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset({"avx2"}))
-    with pytest.raises(RuntimeError, match="AVX512-BF16 or AMX"):
+    with pytest.raises(segtorch.UsageError, match="AVX512-BF16 or AMX"):
         autocast_context("cpu", "bf16")
     monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     with autocast_context("cpu", "bf16"):

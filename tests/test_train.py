@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from segtorch.data import DatasetError, ImageFolderDataset, TrainingSet, build_transforms
+from segtorch.errors import UsageError
 from segtorch.train import PolySchedule, TrainConfig, Trainer, build_optimizer, param_groups, segmentation_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,14 +312,14 @@ def test_config_from_card_and_refusals(tmp_path):
     assert config.optimizer["type"] == "AdamW" and config.scheduler["warmup_cfg"]["iters"] == 1500
     assert config.losses["loss_cls_stage2"]["scale_factor"] == 1.0 and config.batch_size == 2 and config.max_iters == 5
     _, train = toy_training_set(tmp_path)
-    with pytest.raises(RuntimeError, match="amp='fp16' is offered on CUDA only"):
+    with pytest.raises(UsageError, match="amp='fp16' is offered on CUDA only"):
         Trainer(_PlainNet(), train, TrainConfig(work_dir=str(tmp_path), max_iters=1, amp="fp16", device="cpu"))
     with pytest.raises(ValueError, match="8 training images give no full iteration of 16 images"):
         Trainer(_PlainNet(), train, TrainConfig(work_dir=str(tmp_path), max_iters=1, batch_size=16))
 
 
 def test_train_command_bad_input(tmp_path):
-    from segtorch.train.commands import add_train_parser
+    from segtorch.cli.train import add_parser as add_train_parser
 
     parser = argparse.ArgumentParser(prog="segtorch")
     add_train_parser(parser.add_subparsers(dest="command"))
@@ -341,7 +342,7 @@ def test_fine_tuning_with_other_classes_starts_the_training_state_afresh(name, t
     classes they start as in a fresh toolbox model (and the log says so); the rest is loaded."""
     import segtorch
     from segtorch.models.builder import build_segmentation_model
-    from segtorch.train.commands import build_model
+    from segtorch.train.finetune import build_model
 
     card = segtorch.model_card(name)
     torch.manual_seed(0)

@@ -5,12 +5,63 @@ scales, flips, resize back, argmax) run unchanged with onnxruntime computing the
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..errors import ExportError, MissingExtraError
+
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+# the file format `segtorch export` writes: one input, one output, and segtorch.* metadata
+INPUT_NAME, OUTPUT_NAME = "images", "scores"
+META_PREFIX = "segtorch."
+
+
+def require_onnx(*, exporting: bool = False) -> None:
+    """One line naming the missing package and the extra that brings it."""
+    needed = ("onnx", "onnxruntime", "onnxscript") if exporting else ("onnxruntime",)
+    for module in needed:
+        try:
+            __import__(module)
+        except ImportError:
+            raise MissingExtraError(f"{module} is not installed: pip install 'segtorch[export]' "
+                                    f"(onnx, onnxruntime, onnxscript)") from None
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The ``segtorch.*`` metadata of an exported file, JSON values decoded; a file without it is refused."""
+    require_onnx(exporting=True)
+    import onnx
+
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise ExportError(f"{path}: not a readable ONNX file ({type(e).__name__}: {e})") from None
+    meta = {}
+    for prop in proto.metadata_props:
+        if prop.key.startswith(META_PREFIX):
+            try:
+                meta[prop.key[len(META_PREFIX):]] = json.loads(prop.value)
+            except json.JSONDecodeError:
+                meta[prop.key[len(META_PREFIX):]] = prop.value
+    if "model" not in meta:
+        raise ExportError(f"{path}: an ONNX file without segtorch metadata; export it with `segtorch export`")
+    return meta
+
+
+def onnx_session(path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None):
+    """An onnxruntime session on ``device``'s execution provider; ``threads``: intra-op threads (default: all)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # no warnings about the initialisers the graph optimiser folds
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=providers_for(device))
 
 
 def providers_for(device: str | torch.device, available: Sequence[str] | None = None) -> list[str]:
@@ -31,8 +82,6 @@ class OnnxModel(torch.nn.Module):
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None):
         super().__init__()
-        from ..export import onnx_session, require_onnx
-
         require_onnx()
         self.path = str(path)
         self.session = onnx_session(path, device, threads)
@@ -53,7 +102,6 @@ def load_onnx_segmenter(card, path: str | os.PathLike, device: torch.device, pre
     """A ``Segmenter`` for ``card`` whose forward passes run in onnxruntime; the file must be an export of
     this very model."""
     from ..errors import CheckpointError
-    from ..export import read_metadata
     from ..segmenter import Segmenter
 
     if precision != "fp32" or compile:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from ..argtypes import PRECISIONS
+from ..errors import UsageError
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -34,26 +35,26 @@ def cpu_supports_bf16() -> bool:
 
 
 def check_precision(device: torch.device | str, precision: str) -> None:
-    """Raise ValueError for an unknown precision, RuntimeError (with the reason) for one ``device`` lacks."""
+    """Raise ``UsageError`` (a ValueError) for an unknown precision or one ``device`` lacks, with the reason."""
     device = torch.device(device)
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "fp32":
         return
     if device.type == "cuda":
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise RuntimeError("precision 'bf16' needs a GPU with bfloat16 support (Ampere or newer); "
+            raise UsageError("precision 'bf16' needs a GPU with bfloat16 support (Ampere or newer); "
                                "use 'fp16' or 'fp32'")
         return
     if device.type == "cpu":
         if precision == "fp16":
-            raise RuntimeError("precision 'fp16' is only offered on CUDA; on the CPU use 'bf16' (with "
+            raise UsageError("precision 'fp16' is only offered on CUDA; on the CPU use 'bf16' (with "
                                "AVX512-BF16 or AMX) or 'fp32'")
         if not cpu_supports_bf16():
-            raise RuntimeError("precision 'bf16' on the CPU needs AVX512-BF16 or AMX (flags avx512_bf16 / "
+            raise UsageError("precision 'bf16' on the CPU needs AVX512-BF16 or AMX (flags avx512_bf16 / "
                                "amx_bf16 are not in /proc/cpuinfo); use 'fp32'")
         return
-    raise RuntimeError(f"precision {precision!r} is not supported on device type {device.type!r}; use 'fp32'")
+    raise UsageError(f"precision {precision!r} is not supported on device type {device.type!r}; use 'fp32'")
 
 
 def reduced_dtype(precision: str) -> torch.dtype:

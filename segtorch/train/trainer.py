@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .losses import DEFAULT_LOSSES, training_losses
 from .optim import PolySchedule, build_optimizer, clip_gradients
+from ..errors import CheckpointError, UsageError
 
 CHECKPOINT_FORMAT = "segtorch-train-1"
 
@@ -194,11 +195,11 @@ class Trainer:
         else:
             self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         if c.amp not in ("none", "fp16", "bf16"):
-            raise ValueError(f"amp must be 'none', 'fp16' or 'bf16', not {c.amp!r}")
+            raise UsageError(f"amp must be 'none', 'fp16' or 'bf16', not {c.amp!r}")
         if c.amp != "none" and self.device.type != "cuda":
-            raise RuntimeError(f"amp={c.amp!r} is offered on CUDA only; this run is on {self.device}")
+            raise UsageError(f"amp={c.amp!r} is offered on CUDA only; this run is on {self.device}")
         if c.accumulate < 1 or c.batch_size < 1:
-            raise ValueError("batch_size and accumulate must be at least 1")
+            raise UsageError("batch_size and accumulate must be at least 1")
         self.work_dir = Path(c.work_dir).expanduser()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._log = log
@@ -208,7 +209,7 @@ class Trainer:
         model = model.to(self.device)
         if c.sync_bn and self.world > 1:
             if self.device.type != "cuda":
-                raise RuntimeError("sync_bn needs CUDA devices (SyncBatchNorm does not run on the CPU)")
+                raise UsageError("sync_bn needs CUDA devices (SyncBatchNorm does not run on the CPU)")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
         self.optimizer = build_optimizer(model, c.optimizer)
@@ -225,10 +226,10 @@ class Trainer:
         self.samples_per_iter = c.batch_size * c.accumulate
         self.iters_per_epoch = self.sampler.per_rank // self.samples_per_iter
         if self.iters_per_epoch == 0:
-            raise ValueError(f"{len(train_set)} training images give no full iteration of {self.samples_per_iter} "
+            raise UsageError(f"{len(train_set)} training images give no full iteration of {self.samples_per_iter} "
                              f"images x {self.world} processes; lower batch_size or accumulate")
         if c.max_iters is None and c.epochs is None:
-            raise ValueError("set max_iters or epochs")
+            raise UsageError("set max_iters or epochs")
         self.max_iters = c.max_iters if c.max_iters is not None else c.epochs * self.iters_per_epoch
         self.schedule = PolySchedule.from_config(c.scheduler, c.optimizer["lr"], self.max_iters)
         self.val_set, self.predict, self.callbacks = val_set, predict, list(callbacks)
@@ -281,9 +282,9 @@ class Trainer:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure means the file cannot be resumed from
-            raise RuntimeError(f"{path}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{path}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise RuntimeError(f"{path}: not a segtorch training checkpoint")
+            raise CheckpointError(f"{path}: not a segtorch training checkpoint")
         self.model.load_state_dict(ckpt["model"])
         buffers = dict(self.model.named_buffers())
         with torch.no_grad():

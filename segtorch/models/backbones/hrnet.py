@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ActLayer, NormLayer
+from ..layers import ActLayer, ConvNormAct, NormLayer
 from .resnet import Bottleneck
 
 
@@ -62,20 +62,12 @@ ARCH_SETTINGS = {
 }
 
 
-def conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int, norm_layer: NormLayer,
-            act_layer: ActLayer | None = None) -> nn.Sequential:
-    layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
-              norm_layer(out_channels)]
-    if act_layer is not None:
-        layers.append(act_layer())
-    return nn.Sequential(*layers)
-
-
 def make_branch(block: type[nn.Module], inplanes: int, planes: int, num_blocks: int, norm_layer: NormLayer,
                 act_layer: ActLayer) -> nn.Sequential:
     """``num_blocks`` blocks at one resolution; a 1x1 projection on the first one if the width changes."""
     outplanes = planes * block.expansion
-    downsample = conv_bn(inplanes, outplanes, 1, 1, norm_layer) if inplanes != outplanes else None
+    downsample = (ConvNormAct(inplanes, outplanes, 1, 1, norm_layer=norm_layer, act_layer=None)
+                  if inplanes != outplanes else None)
     blocks = [block(inplanes, planes, downsample=downsample, norm_layer=norm_layer, act_layer=act_layer)]
     blocks += [block(outplanes, planes, norm_layer=norm_layer, act_layer=act_layer) for _ in range(num_blocks - 1)]
     return nn.Sequential(*blocks)
@@ -113,8 +105,9 @@ class HRModule(nn.Module):
             # for odd sizes the two differ, so both resizes are kept
             return nn.Sequential(nn.Conv2d(channels[j], channels[i], 1, bias=False), norm_layer(channels[i]),
                                  nn.Upsample(scale_factor=2 ** (j - i), mode="bilinear", align_corners=False))
-        steps = [conv_bn(channels[j], channels[j], 3, 2, norm_layer, act_layer) for _ in range(i - j - 1)]
-        steps.append(conv_bn(channels[j], channels[i], 3, 2, norm_layer))
+        steps = [ConvNormAct(channels[j], channels[j], 3, 2, norm_layer=norm_layer, act_layer=act_layer)
+                 for _ in range(i - j - 1)]
+        steps.append(ConvNormAct(channels[j], channels[i], 3, 2, norm_layer=norm_layer, act_layer=None))
         return nn.Sequential(*steps)
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -145,12 +138,13 @@ def make_transition(pre_channels: Sequence[int], cur_channels: Sequence[int], no
     for i, channels in enumerate(cur_channels):
         if i < len(pre_channels):
             layers.append(None if channels == pre_channels[i]
-                          else conv_bn(pre_channels[i], channels, 3, 1, norm_layer, act_layer))
+                          else ConvNormAct(pre_channels[i], channels, 3, 1, norm_layer=norm_layer, act_layer=act_layer))
         else:
             num_steps = i + 1 - len(pre_channels)
             src = pre_channels[-1]
             layers.append(nn.Sequential(*(
-                conv_bn(src, channels if k == num_steps - 1 else src, 3, 2, norm_layer, act_layer)
+                ConvNormAct(src, channels if k == num_steps - 1 else src, 3, 2, norm_layer=norm_layer,
+                            act_layer=act_layer)
                 for k in range(num_steps))))
     return nn.ModuleList(layers)
 

@@ -12,26 +12,6 @@ from ..segmentor import SegmentationModel
 from .psp import PyramidPoolingModule
 
 
-class UPerHead(nn.Module):
-    """PPM + FPN producing ``feats_channels`` maps at the stride of the first input; no classifier.
-
-    Attribute names (``ppm_net``, ``lateral_convs``, ``fpn_convs``) are the toolbox's; UPerNet and IDRNet's
-    UPerNet decoder register these same modules directly under their own names.
-    """
-
-    def __init__(self, in_channels_list: Sequence[int], feats_channels: int, pool_scales: Sequence[int],
-                 align_corners: bool = False, norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
-        super().__init__()
-        self.align_corners = align_corners
-        self.ppm_net = PyramidPoolingModule(in_channels_list[-1], feats_channels, pool_scales, align_corners,
-                                            norm_layer, act_layer)
-        self.lateral_convs, self.fpn_convs = fpn_layers(in_channels_list, feats_channels, feats_channels,
-                                                        norm_layer, act_layer)
-
-    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        return fpn_fuse(feats, self.ppm_net, self.lateral_convs, self.fpn_convs, self.align_corners)
-
-
 def fpn_layers(in_channels_list: Sequence[int], feats_channels: int, out_channels: int, norm_layer: NormLayer,
                act_layer: ActLayer) -> tuple[nn.ModuleList, nn.ModuleList]:
     """The FPN's 1x1 lateral convs and 3x3 output convs for every level but the top one."""
@@ -64,9 +44,11 @@ class UPerNet(SegmentationModel):
                  norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
         super().__init__(backbone, num_classes, selected_indices, align_corners)
         self.check_channels("in_channels_list", in_channels_list, range(len(self.feature_channels)))
-        head = UPerHead(in_channels_list, feats_channels, pool_scales, align_corners, norm_layer, act_layer)
-        # the toolbox keeps these three at the top level of the segmentor
-        self.ppm_net, self.lateral_convs, self.fpn_convs = head.ppm_net, head.lateral_convs, head.fpn_convs
+        # PPM on the last stage, FPN over the earlier ones; the toolbox keeps these at the segmentor's top level
+        self.ppm_net = PyramidPoolingModule(in_channels_list[-1], feats_channels, pool_scales, align_corners,
+                                            norm_layer, act_layer)
+        self.lateral_convs, self.fpn_convs = fpn_layers(in_channels_list, feats_channels, feats_channels,
+                                                        norm_layer, act_layer)
         self.decoder = nn.Sequential(
             *ConvNormAct(feats_channels * len(in_channels_list), feats_channels, 3, norm_layer=norm_layer,
                          act_layer=act_layer),

@@ -19,13 +19,15 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .imageops import IMAGE_SUFFIXES
+from ..argtypes import PRECISIONS
+from ..errors import SegtorchError
+from ..imageops import IMAGE_SUFFIXES
 
 OUTPUTS = ("labels", "color", "overlay", "scores", "legend")
 DEFAULT_OUTPUTS = ("labels", "color", "overlay")
 
 
-def add_predict_parser(subparsers):
+def add_parser(subparsers):
     s = subparsers.add_parser("predict", help="segment images (label map, colour map, overlay)",
                               description=__doc__.splitlines()[0])
     s.add_argument("inputs", nargs="+", help="image files, folders (their images) or glob patterns")
@@ -34,7 +36,7 @@ def add_predict_parser(subparsers):
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     s.add_argument("--tta", action="store_true", help="the card's multi-scale + flip settings")
     s.add_argument("--mode", choices=("whole", "slide"), help="override the card's inference mode")
-    s.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 reproduces the toolbox; bf16 (CPU with AVX512-BF16/AMX, or CUDA) and fp16 (CUDA) "
                         "are faster")
     s.add_argument("--compile", action="store_true", help="torch.compile the model (pays off over many images)")
@@ -117,7 +119,7 @@ def write_png(array, path: Path) -> None:
     import cv2
     import numpy as np
 
-    from .files import atomic_write
+    from ..files import atomic_write
 
     if array.ndim == 3:
         array = np.ascontiguousarray(array[..., ::-1])  # RGB -> the BGR order OpenCV writes from
@@ -129,7 +131,7 @@ def write_png(array, path: Path) -> None:
 
 
 def _default_model() -> str:
-    from .registry import list_models, model_card
+    from ..registry import list_models, model_card
 
     demos = [n for n in list_models() if model_card(n).demo]
     if not demos:
@@ -138,7 +140,7 @@ def _default_model() -> str:
 
 
 def _parse_outputs(args) -> list[str]:
-    from .errors import UsageError
+    from ..errors import UsageError
 
     chosen = [k.strip() for k in args.outputs.split(",") if k.strip()]
     unknown = [k for k in chosen if k not in OUTPUTS]
@@ -154,7 +156,7 @@ def _check_options(args) -> Path:
     """Everything the user typed that can be wrong, checked before any model is loaded: the output folder."""
     import torch
 
-    from .errors import UsageError
+    from ..errors import UsageError
 
     try:
         torch.device(args.device)
@@ -200,7 +202,7 @@ class _Writer:
             try:
                 future.result()
                 written += 1
-            except (OSError, ValueError) as e:
+            except (OSError, SegtorchError) as e:
                 report(path, e)
         self.pool.shutdown()
         return written
@@ -209,8 +211,8 @@ class _Writer:
 def cmd_predict(args) -> int:
     from tqdm import tqdm
 
-    from . import load
-    from .segmenter import Segmenter
+    from .. import load
+    from ..segmenter import Segmenter
 
     outputs = _parse_outputs(args)
     out = _check_options(args)
@@ -278,7 +280,7 @@ def cmd_predict(args) -> int:
             (path, out_name), future = queue.popleft()
             try:
                 image, x = future.result()
-            except (OSError, ValueError, RuntimeError) as e:
+            except (OSError, SegtorchError) as e:  # this input is unusable; a bug keeps its traceback
                 report(path, e)
                 bar.update(1)
                 continue

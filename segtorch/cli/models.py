@@ -1,22 +1,10 @@
-"""The ``segtorch`` command: list | info | convert | download | predict | eval | train.
-
-Errors print one line (``segtorch: error: ...``) and exit non-zero.
-"""
+"""``segtorch list | info | convert | download | export``: the model zoo, its cards and weight files."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from . import __version__
-from .errors import SegtorchError
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in text:
-        text = f"{error.filename}: {text}"
-    return text or type(error).__name__
+from ..argtypes import positive_int
 
 
 def _fmt(value) -> str:
@@ -25,7 +13,7 @@ def _fmt(value) -> str:
 
 def _no_match(args) -> str:
     """Why ``segtorch list`` found nothing, with the values that would have matched something."""
-    from .registry import list_models, model_card
+    from ..registry import list_models, model_card
 
     cards = [model_card(n) for n in list_models()]
     hints = []
@@ -39,7 +27,7 @@ def _no_match(args) -> str:
 
 
 def cmd_list(args) -> int:
-    from .registry import list_models, model_card
+    from ..registry import list_models, model_card
 
     names = list_models(args.pattern, dataset=args.dataset, family=args.family, backbone=args.backbone)
     cards = [model_card(n) for n in names]
@@ -79,7 +67,7 @@ def markdown_table(cards) -> str:
 
 
 def cmd_info(args) -> int:
-    from .registry import model_card
+    from ..registry import model_card
 
     if args.name.lower().endswith(".onnx"):
         return _info_onnx(args)
@@ -94,7 +82,7 @@ def cmd_info(args) -> int:
     print(f"dataset:       {card.dataset_title} [{card.dataset}], {card.num_classes} classes")
     reported = ", ".join(f"{k} {v:.2f}" for k, v in card.reported.items() if v is not None) or "none published"
     print(f"reported:      {reported} ({card.reported_split} split)")
-    from .weights import describe
+    from ..weights import describe
 
     for label, value in describe(card).items():
         if value is not None:
@@ -118,7 +106,7 @@ def cmd_info(args) -> int:
 
 def _info_onnx(args) -> int:
     """The metadata ``segtorch export`` wrote into an ONNX file."""
-    from .export import read_metadata
+    from ..inference.onnx_runtime import read_metadata
 
     meta = read_metadata(args.name)
     if args.json:
@@ -141,7 +129,7 @@ def _info_onnx(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from ..export import export
 
     report = export(args.name, args.out, checkpoint=args.checkpoint, opset=args.opset)
     print(report.summary())
@@ -149,7 +137,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .api import convert
+    from ..api import convert
 
     report = convert(args.src, args.dst, name=args.name, auxiliary=args.keep_auxiliary)
     print(report.summary())
@@ -157,8 +145,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .weights import fetch_weights
-    from .registry import model_card
+    from ..weights import fetch_weights
+    from ..registry import model_card
 
     for name in args.names:
         path = fetch_weights(model_card(name))
@@ -166,11 +154,8 @@ def cmd_download(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="segtorch", description="SSSegmentation checkpoints, ready to use.")
-    p.add_argument("--version", action="version", version=f"segtorch {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_parsers(sub) -> None:
+    """Register list, info, convert, export and download on ``sub`` (argparse subparsers)."""
     s = sub.add_parser("list", help="list models (with reported mIoU)")
     s.add_argument("pattern", nargs="?", help="fnmatch pattern, e.g. 'isnet_*'")
     s.add_argument("--dataset", help="ade20k, cityscapes, voc, cocostuff10k, lip, pascalcontext59")
@@ -196,38 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="the model")
     s.add_argument("--checkpoint", help="a local .pth/.safetensors or a URL (default: the card's weights)")
     s.add_argument("--out", required=True, help="the .onnx file to write")
-    s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    s.add_argument("--opset", type=positive_int, default=18, help="ONNX opset (default 18)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("download", help="fetch and cache model weights")
     s.add_argument("names", nargs="+")
     s.set_defaults(func=cmd_download)
-
-    from .predict_cli import add_predict_parser
-    from .train.commands import add_eval_parser, add_train_parser
-
-    add_predict_parser(sub)
-    add_eval_parser(sub)
-    add_train_parser(sub)
-    return p
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("segtorch: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. `segtorch list | head`
-        sys.stderr.close()
-        return 0
-    except (SegtorchError, OSError) as e:  # user-caused: one line that says what is wrong and what to do
-        print(f"segtorch: error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    # anything else is a bug in segtorch and keeps its traceback
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,5 @@
-"""``segtorch eval`` and ``segtorch train`` (registered by ``segtorch/cli.py``).
+"""``segtorch train``: fine-tune a card's model with the card's schedule.
 
-    segtorch eval isnet_resnet101os8_ade20k --data-root ~/data/ADEChallengeData2016 [--tta] [--limit N]
     segtorch train pspnet_resnet50os8_voc --data-root ~/data/VOCdevkit/VOC2012 --iters 2000
     segtorch train upernet_swinlarge_ade20k --images my/images --masks my/masks --num-classes 5 \\
                    --val-images my/val_images --val-masks my/val_masks
@@ -15,24 +14,7 @@ from ..argtypes import nonnegative_int, positive_float, positive_int
 from ..errors import UsageError
 
 
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    from ..evaluation.reproduce import add_arguments
-
-    s = subparsers.add_parser("eval", help="evaluate a model on a dataset (mIoU vs the card)",
-                              description="Evaluate models with their cards' test pipelines on a dataset as "
-                                          "downloaded; prints per-class IoU and mIoU beside the reported figure.")
-    add_arguments(s)
-    s.set_defaults(func=cmd_eval)
-    return s
-
-
-def cmd_eval(args) -> int:
-    from ..evaluation.reproduce import run
-
-    return run(args)
-
-
-def add_train_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser("train", help="fine-tune a model on a dataset or a folder of images and masks",
                               description="Fine-tune a card's model with the card's schedule (optimizer, poly "
                                           "lr, losses). One process per GPU: start with torchrun for several.")
@@ -99,54 +81,12 @@ def _datasets(args, card, class_names):
     return train, val
 
 
-def build_model(card, num_classes: int, init: str, log=print):
-    """The card's architecture (with ``num_classes``) and its auxiliary heads, initialised from ``init``."""
-    import torch
-
-    from ..checkpoint import adapt_state_dict, read_file
-    from ..models.builder import build_segmentation_model
-
-    model = build_segmentation_model(card.architecture, auxiliary=True, num_classes=num_classes)
-    if init == "scratch":
-        log("init: random weights (no pretrained backbone)")
-        return model
-    if init == "pretrained":
-        from ..weights import fetch_weights
-
-        path = fetch_weights(card)
-    else:
-        path = init
-    state, _, _ = read_file(path)
-    expected = model.state_dict()
-    state, _, _ = adapt_state_dict(state, expected, keep=("auxiliary_decoder.",))
-    reshaped = sorted(k for k, v in state.items() if k in expected and v.shape != expected[k].shape)
-    state = {k: v for k, v in state.items() if k in expected and k not in reshaped}
-    missing = sorted(k for k in expected if k not in state and not k.endswith("num_batches_tracked"))
-    with torch.no_grad():
-        model.load_state_dict(state, strict=False)
-    log(f"init: {path} ({len(state)} tensors)"
-        + (f"; new (shape differs): {', '.join(reshaped)}" if reshaped else "")
-        + (f"; not in the file, left random: {len(missing)} tensors ({missing[0]} ...)" if missing else ""))
-    fresh = [f"{k} ({how})" for k, how in FRESH_TRAINING_STATE.items()
-             if k in expected and (k in reshaped or k not in state)]
-    if hasattr(model, "selected_classes_counter"):  # in no checkpoint file
-        fresh.append(f"selected_classes_counter ({FRESH_TRAINING_STATE['selected_classes_counter']})")
-    if fresh:
-        log("init: training state re-initialised as the toolbox initialises a fresh model: " + ", ".join(fresh))
-    return model
-
-
-# what the toolbox gives the training statistics of a fresh model (segtorch's constructors do the same)
-FRESH_TRAINING_STATE = {"memory_module.memory": "zeros: each class's slot is filled at its first use",
-                        "class_relations_mean": "identity", "class_relations_var": "identity",
-                        "dl_cls_representations": "zeros", "selected_classes_counter": "1e-6 each"}
-
-
 def cmd_train(args) -> int:
     from ..data import TrainingSet, build_transforms, with_crop_size
     from ..registry import model_card
     from ..segmenter import Segmenter
-    from .trainer import TrainConfig, Trainer, init_distributed
+    from ..train.finetune import build_model
+    from ..train.trainer import TrainConfig, Trainer, init_distributed
 
     card = model_card(args.name)
     num_classes = args.num_classes or card.num_classes
