@@ -468,7 +468,11 @@ def test_schedule_recorded(name):
 def test_schedule_live(name):
     if toolbox_sources_sha256() is None:
         pytest.skip("the toolbox is not importable")
-    _check_schedule(segtorch_schedule(name), reference_schedule(name))
+    try:
+        reference = reference_schedule(name)
+    except Exception as e:  # noqa: BLE001 - an installed release older than eb1878c1 may not build this config
+        pytest.skip(f"the installed toolbox cannot build {name}: {type(e).__name__}: {e}")
+    _check_schedule(segtorch_schedule(name), reference)
 
 
 def test_clipping_follows_the_toolbox_groups():
