@@ -139,8 +139,8 @@ def case_tta(args, have_toolbox: bool) -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             ours()
         ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-        total = sum(e.self_cpu_time_total for e in ops)
-        print("profile (self CPU time): " + ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.1f}%"
+        profiled = sum(e.self_cpu_time_total for e in ops)  # not `total`: that is the timed run's seconds
+        print("profile (self CPU time): " + ", ".join(f"{e.key} {100 * e.self_cpu_time_total / profiled:.1f}%"
                                                        for e in ops[:8]))
     print(f"segtorch fp32: {med['segtorch']:.2f} s (runs {', '.join(f'{t:.2f}' for t in times['segtorch'])})")
     print(f"  model forward passes: {timer.seconds:.2f} s in {timer.calls} batched calls of {total:.2f} s "
