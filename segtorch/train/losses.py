@@ -1,6 +1,6 @@
 """One training step's losses, as the toolbox's TRAIN forward forms them.
 
-``training_losses`` runs the family's training forward (``Segmentor.train_forward``: MCIBI updates its memory,
+``training_losses`` runs the family's training forward (``SegmentationModel.train_forward``: MCIBI updates its memory,
 IDRNet its class relations, representations and selection counts, in place and in the toolbox's order, Python's
 ``random`` draws included) and scores it: each head's scores are resized to the labels (bilinear) and scored
 with cross-entropy (pixels labelled -100 left out), weighted by the loss's ``scale_factor``; the total is their
