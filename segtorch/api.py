@@ -108,14 +108,16 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
 
         return load_onnx_segmenter(card, path, device, precision, compile)
     model, _ = model_with_weights(card, checkpoint, auxiliary=auxiliary, path=path)
+    fuse_default, channels_last_default = fast_path_defaults(card.architecture["backbone"]["name"], precision)
     if fuse_bn is None:
-        fuse_bn = not auxiliary and fast_path_defaults(card.architecture["backbone"]["name"])[0]
+        fuse_bn = not auxiliary and fuse_default
+    if channels_last is None:
+        channels_last = not auxiliary and channels_last_default
     if fuse_bn:
         from .inference.fuse import fold_batchnorm
 
-        fold_batchnorm(model)
-    if auxiliary and channels_last is None:
-        channels_last = False
+        # folded straight into the layout the model runs in: one pass over the weights, not two
+        fold_batchnorm(model, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return Segmenter(model.to(device), card, device=device, precision=precision, compile=compile,
                      channels_last=channels_last)
 
