@@ -1,13 +1,18 @@
 """Test-time pipeline: read an image, the toolbox's Resize/Normalize, scores with its sliding-window and
-multi-scale/flip averaging, label maps, and pictures of them. Pure functions with explicit arguments."""
+multi-scale/flip averaging, label maps, and pictures of them. Pure functions with explicit arguments.
+
+The names below are imported on first use: ``segtorch.load`` needs only the fast-path table, not OpenCV."""
 from __future__ import annotations
 
-from .fuse import fold_batchnorm
-from .image import ImageReadError, preprocess, read_image, resized_size
-from .precision import autocast_context, check_precision, cpu_supports_bf16
-from .predictor import infer_logits, predict_labels, slide_windows
-from .render import colorize, legend, overlay
+from ..lazy import lazy_attributes
 
-__all__ = ["ImageReadError", "autocast_context", "check_precision", "colorize", "cpu_supports_bf16",
-           "fold_batchnorm", "infer_logits", "legend", "overlay", "predict_labels", "preprocess", "read_image",
-           "resized_size", "slide_windows"]
+_LAZY = {
+    "fold_batchnorm": "fuse",
+    "ImageReadError": "image", "preprocess": "image", "read_image": "image", "resized_size": "image",
+    "autocast_context": "precision", "check_precision": "precision", "cpu_supports_bf16": "precision",
+    "infer_logits": "predictor", "predict_labels": "predictor", "slide_windows": "predictor",
+    "colorize": "render", "legend": "render", "overlay": "render",
+}
+__all__ = sorted(_LAZY)
+
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

@@ -1,5 +1,5 @@
 """Build the nn.Module a card's ``architecture`` describes: plain constructors called with the card's
-arguments (the card generator translated the toolbox's vocabulary once). The two tables below are the only
+arguments (the card generator translated the toolbox's vocabulary once). The two functions below are the only
 place a name becomes a class."""
 from __future__ import annotations
 
@@ -12,34 +12,44 @@ from ..errors import CardError
 from .layers import ActLayer, activation_by_name, norm_by_name
 from .segmentor import SegmentationModel, auxiliary_decoder
 
+# the names a card's architecture may use (the two functions below turn them into classes)
+MODELS = ("pspnet", "upernet", "isnet", "mcibi", "idrnet")
+BACKBONES = ("resnet", "resnest", "hrnet", "vit", "swin")
+
 
 def model_class(name: str) -> type[SegmentationModel]:
-    """A card's ``architecture.model`` -> its class (imported here, on first build)."""
-    from .heads.idrnet import IDRNet
-    from .heads.isnet import ISNet
-    from .heads.mcibi import MCIBI
-    from .heads.psp import PSPNet
-    from .heads.upernet import UPerNet
-
-    models = {"pspnet": PSPNet, "upernet": UPerNet, "isnet": ISNet, "mcibi": MCIBI, "idrnet": IDRNet}
-    if name not in models:
-        raise CardError(f"unknown model {name!r} in the card's architecture; known: {', '.join(models)}")
-    return models[name]
+    """A card's ``architecture.model`` -> its class; only that class's module is imported (a load pays for
+    the one architecture it builds)."""
+    if name == "pspnet":
+        from .heads.psp import PSPNet as cls
+    elif name == "upernet":
+        from .heads.upernet import UPerNet as cls
+    elif name == "isnet":
+        from .heads.isnet import ISNet as cls
+    elif name == "mcibi":
+        from .heads.mcibi import MCIBI as cls
+    elif name == "idrnet":
+        from .heads.idrnet import IDRNet as cls
+    else:
+        raise CardError(f"unknown model {name!r} in the card's architecture; known: {', '.join(MODELS)}")
+    return cls
 
 
 def backbone_class(name: str) -> type[nn.Module]:
-    """A card's ``architecture.backbone.name`` -> its class (imported here, on first build)."""
-    from .backbones.hrnet import HRNet
-    from .backbones.resnest import ResNeSt
-    from .backbones.resnet import ResNet
-    from .backbones.swin import SwinTransformer
-    from .backbones.vit import VisionTransformer
-
-    backbones = {"resnet": ResNet, "resnest": ResNeSt, "hrnet": HRNet, "vit": VisionTransformer,
-                 "swin": SwinTransformer}
-    if name not in backbones:
-        raise CardError(f"unknown backbone {name!r} in the card's architecture; known: {', '.join(backbones)}")
-    return backbones[name]
+    """A card's ``architecture.backbone.name`` -> its class; only that class's module is imported."""
+    if name == "resnet":
+        from .backbones.resnet import ResNet as cls
+    elif name == "resnest":
+        from .backbones.resnest import ResNeSt as cls
+    elif name == "hrnet":
+        from .backbones.hrnet import HRNet as cls
+    elif name == "vit":
+        from .backbones.vit import VisionTransformer as cls
+    elif name == "swin":
+        from .backbones.swin import SwinTransformer as cls
+    else:
+        raise CardError(f"unknown backbone {name!r} in the card's architecture; known: {', '.join(BACKBONES)}")
+    return cls
 
 
 def _construct(cls: type, where: str, *args, **kwargs):
