@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import ActLayer, NormLayer
-from .resnet import ResNet, make_res_layer
+from .resnet import RELU, ResNet, make_res_layer
 
 
 class SplitAttentionConv2d(nn.Module):
@@ -25,7 +25,7 @@ class SplitAttentionConv2d(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  dilation: int = 1, groups: int = 1, radix: int = 2, reduction_factor: int = 4,
-                 norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
+                 norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = RELU):
         super().__init__()
         inter_channels = max(in_channels * radix // reduction_factor, 32)
         self.radix = radix
@@ -77,7 +77,7 @@ class SplitAttentionBottleneck(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
                  downsample: nn.Module | None = None, norm_layer: NormLayer = nn.BatchNorm2d,
-                 act_layer: ActLayer = nn.ReLU, radix: int = 2, groups: int = 1, base_width: int = 4,
+                 act_layer: ActLayer = RELU, radix: int = 2, groups: int = 1, base_width: int = 4,
                  base_channels: int = 64, reduction_factor: int = 4, avg_after_conv2: bool = True):
         super().__init__()
         width = planes if groups == 1 else math.floor(planes * (base_width / base_channels)) * groups
@@ -102,7 +102,8 @@ class SplitAttentionBottleneck(nn.Module):
         if self.avg_after_conv2:
             out = self.avg_layer(out)
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out += identity  # in place: out is this block's own fresh tensor
+        return self.relu(out)
 
 
 class ResNeSt(ResNet):
@@ -116,7 +117,7 @@ class ResNeSt(ResNet):
                  reduction_factor: int = 4, use_avg_after_block_conv2: bool = True,
                  use_avg_for_downsample: bool = True, deep_stem: bool = True, contract_dilation: bool = True,
                  out_indices: Sequence[int] = (0, 1, 2, 3), style: str = "pytorch",
-                 norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
+                 norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = RELU):
         if style != "pytorch":
             raise ValueError(f"only the 'pytorch' block style is supported, got {style!r}")
         # read by make_layer, which ResNet.__init__ calls, so they must exist before it runs (plain values may

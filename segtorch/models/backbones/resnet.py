@@ -10,7 +10,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..layers import ActLayer, ConvNormAct, NormLayer
+from ..layers import ActLayer, ConvNormAct, NormLayer, activation_by_name
+
+# ReLU in place, as the toolbox builds it: on the CPU an out-of-place activation costs a fresh tensor (page
+# faults included) per layer; every input it overwrites is a fresh convolution/norm output no one else reads
+RELU = activation_by_name("relu")
 
 # (number of Bottleneck blocks per stage) for each depth
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -28,7 +32,7 @@ class Bottleneck(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
                  downsample: nn.Module | None = None, norm_layer: NormLayer = nn.BatchNorm2d,
-                 act_layer: ActLayer = nn.ReLU):
+                 act_layer: ActLayer = RELU):
         super().__init__()
         # "pytorch" style: the stride sits on the 3x3 conv
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
@@ -45,7 +49,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out += identity  # in place: out is this block's own fresh tensor
+        return self.relu(out)
 
 
 def make_res_layer(block: type[nn.Module], inplanes: int, planes: int, num_blocks: int, stride: int, dilation: int,
@@ -94,7 +99,7 @@ class ResNet(nn.Module):
     def __init__(self, depth: int = 101, output_stride: int = 8, in_channels: int = 3, stem_channels: int = 64,
                  base_channels: int = 64, deep_stem: bool = True, contract_dilation: bool = True,
                  out_indices: Sequence[int] = (0, 1, 2, 3), norm_layer: NormLayer = nn.BatchNorm2d,
-                 act_layer: ActLayer = nn.ReLU):
+                 act_layer: ActLayer = RELU):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"unsupported ResNet depth {depth}; known: {sorted(DEPTHS)}")
