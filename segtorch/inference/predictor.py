@@ -8,9 +8,11 @@ The toolbox, per scale ``s`` (and per flip):
      divided by how many crops cover each pixel;
   3. flip: the same on ``flip(x_s)``, the paired classes swapped, the scores flipped back;
 and then every scale's (and flip's) scores are resized *directly* to the output size (the original image)
-and averaged. Here every crop is added by slice into one buffer (the toolbox pads each crop to full size),
-crops are batched, each flipped crop runs in the same batch as its unflipped twin, and a scale's flipped and
-unflipped scores are summed before the (linear) resize, so each scale is resized once.
+and averaged. Here every crop is added by slice into its pass's buffer (the toolbox pads each crop to full
+size), crops are batched, each flipped crop runs in the same batch as its unflipped twin (the flipped pass is
+summed in flipped coordinates and flipped back once), buffers keep the model's memory layout (channels-last
+scores are not transposed), and a scale's flipped and unflipped scores are summed before the (linear)
+resize, so each scale is resized once.
 """
 from __future__ import annotations
 
@@ -119,19 +121,30 @@ def _whole(model: Model, x: torch.Tensor, *, flip: bool, swap: list[int] | None,
     return plain
 
 
-def _slide(model: Model, x: torch.Tensor, acc: torch.Tensor, *, crop_size: tuple[int, int],
-           stride: tuple[int, int], flip: bool, swap: list[int] | None, softmax: bool, align_corners: bool,
-           per_batch: int) -> None:
-    """One scale, sliding window: adds the crop-averaged scores (and the flipped pass's) into ``acc``
-    (N x C x H x W, the size of ``x``)."""
+def _zeros_like_layout(like: torch.Tensor, n: int, height: int, width: int) -> torch.Tensor:
+    """Float32 zeros N x C x H x W in ``like``'s memory layout: a channels-last model's scores added into an
+    NCHW buffer would be a transposing (several times slower) add."""
+    channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
+        and not like.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((n, like.shape[1], height, width), dtype=torch.float32, device=like.device,
+                       memory_format=fmt).zero_()
+
+
+def _slide(model: Model, x: torch.Tensor, *, crop_size: tuple[int, int], stride: tuple[int, int], flip: bool,
+           swap: list[int] | None, softmax: bool, align_corners: bool, per_batch: int) -> torch.Tensor:
+    """One scale, sliding window: the crop-averaged scores N x C x H x W (the size of ``x``), the flipped
+    pass's already added. As the toolbox does per pass: the crops' scores summed, divided by how many crops
+    cover each pixel; the flipped pass is summed in flipped coordinates and flipped back once at the end."""
     n, _, height, width = x.shape
     boxes = slide_windows(height, width, crop_size, stride)
     count = x.new_zeros((1, 1, height, width), dtype=torch.float32)
     for y1, y2, x1, x2 in boxes:
         count[:, :, y1:y2, x1:x2] += 1
-    # a flipped crop at box (x1, x2) of flip(x) is the flipped crop of x at (W - x2, W - x1); both passes
-    # use the same grid, so each box's flipped twin has its shape and shares its batch
+    # the crop of flip(x) at box (x1, x2) is the flipped crop of x at (W - x2, W - x1): both passes use the same
+    # grid, so each box's flipped twin has its shape and shares its batch
     work = [(box, mirrored) for box in boxes for mirrored in ((False, True) if flip else (False,))]
+    sums: dict[bool, torch.Tensor] = {}  # mirrored -> that pass's sum of crop scores (in its own coordinates)
     items_per_batch = max(1, per_batch // n)
     for start in range(0, len(work), items_per_batch):
         chunk = work[start:start + items_per_batch]
@@ -145,12 +158,13 @@ def _slide(model: Model, x: torch.Tensor, acc: torch.Tensor, *, crop_size: tuple
         if softmax:
             out = out.softmax(dim=1)
         for k, ((y1, y2, x1, x2), mirrored) in enumerate(chunk):
-            # dividing each crop by its coverage before summing = the toolbox's sum-then-divide, per pass
-            scores = out[k * n:(k + 1) * n] / count[:, :, y1:y2, x1:x2]
-            if mirrored:
-                acc[:, :, y1:y2, width - x2:width - x1] += _unflip(scores, swap)
-            else:
-                acc[:, :, y1:y2, x1:x2] += scores
+            if mirrored not in sums:
+                sums[mirrored] = _zeros_like_layout(out, n, height, width)
+            sums[mirrored][:, :, y1:y2, x1:x2] += out[k * n:(k + 1) * n]
+    scores = sums[False].div_(count)
+    if flip:
+        scores += _unflip(sums[True].div_(count), swap)
+    return scores
 
 
 def _model_dtype(model) -> torch.dtype | None:
@@ -196,7 +210,16 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
         crop_hw, stride_hw = _pair(crop_size, "crop_size"), _pair(stride, "stride")
         per_batch = batch_crops or max(1, budget // (crop_hw[0] * crop_hw[1]))
 
-    total = images.new_zeros((n, num_classes, out_h, out_w), dtype=torch.float32)
+    total = None  # made at the first scale's scores, in their memory layout
+
+    def add(scores: torch.Tensor) -> None:
+        nonlocal total
+        if total is None:
+            if scores.shape[1] != num_classes:
+                raise ValueError(f"the model gives {scores.shape[1]} class scores, the card says {num_classes}")
+            total = _zeros_like_layout(scores, n, out_h, out_w)
+        _add_resized(total, scores, align_corners)
+
     for s in scales:
         # scale 1 is the identity for bilinear interpolation: skip the copy
         x = images if float(s) == 1.0 else F.interpolate(images, scale_factor=s, mode="bilinear",
@@ -205,16 +228,10 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
             # the flipped image joins its twin's batch if batch_crops allows two images each, or if the
             # memory budget does
             twin = 2 * n <= batch_crops if batch_crops else 2 * n * x.shape[2] * x.shape[3] <= budget
-            scores = _whole(model, x, flip=flip, swap=swap, softmax=softmax, batch_twin=twin)
-            _add_resized(total, scores, align_corners)
-            continue
-        direct = tuple(x.shape[2:]) == (out_h, out_w)
-        acc = total if direct else x.new_zeros((n, num_classes, x.shape[2], x.shape[3]), dtype=torch.float32)
-        _slide(model, x, acc, crop_size=crop_hw, stride=stride_hw, flip=flip, swap=swap, softmax=softmax,
-               align_corners=align_corners, per_batch=per_batch)
-        if not direct:
-            _add_resized(total, acc, align_corners)
-            del acc
+            add(_whole(model, x, flip=flip, swap=swap, softmax=softmax, batch_twin=twin))
+        else:
+            add(_slide(model, x, crop_size=crop_hw, stride=stride_hw, flip=flip, swap=swap, softmax=softmax,
+                       align_corners=align_corners, per_batch=per_batch))
     total /= len(scales) * (2 if flip else 1)
     return total
 
