@@ -506,6 +506,27 @@ def test_fold_batchnorm_restores_when_outputs_move():
     with pytest.raises(ValueError, match="eval"):
         fold_batchnorm(model.train())
 
+def test_fold_batchnorm_leaves_the_loaded_tensors_alone_and_writes_the_asked_layout(tmp_path):
+    """Weights read from a file may be a private memory map (writing pays a page fault per 4 KiB) or shared
+    with the caller's state dict: folding writes fresh tensors, in the layout the model will run in."""
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), _Block()))
+    x = torch.randn(2, 3, 11, 13)
+    with torch.no_grad():
+        before = model(x)
+    loaded = {k: v.clone() for k, v in model.state_dict().items()}
+    originals = {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    fold_batchnorm(model, memory_format=torch.channels_last)
+    for name, weight in originals.items():
+        key = f"{name}.weight"
+        assert torch.equal(weight, loaded[key]), f"{key} was written in place"
+    for conv in (model[0], model[3].conv1):  # folded 3x3 kernels: NHWC, a layout NCHW is not
+        assert conv.weight is not originals["0" if conv is model[0] else "3.conv1"]
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert model[3].conv3.weight is originals["3.conv3"]  # not folded: untouched
+    with torch.no_grad():
+        assert relative_error(model(x), before) < 1e-5
+
+
 
 def test_fold_batchnorm_on_resnet_bottleneck():
     from segtorch.models.backbones.resnet import Bottleneck

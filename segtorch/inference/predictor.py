@@ -212,11 +212,15 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
 
     total = None  # made at the first scale's scores, in their memory layout
 
-    def add(scores: torch.Tensor) -> None:
+    def add(scores: torch.Tensor, owned: bool = False) -> None:
+        """``total += resize(scores)``; ``owned``: scores is a buffer of ours, which may become ``total``."""
         nonlocal total
         if total is None:
             if scores.shape[1] != num_classes:
                 raise ValueError(f"the model gives {scores.shape[1]} class scores, the card says {num_classes}")
+            if owned and tuple(scores.shape[2:]) == (out_h, out_w):  # no second full-size buffer
+                total = scores
+                return
             total = _zeros_like_layout(scores, n, out_h, out_w)
         _add_resized(total, scores, align_corners)
 
@@ -231,7 +235,7 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
             add(_whole(model, x, flip=flip, swap=swap, softmax=softmax, batch_twin=twin))
         else:
             add(_slide(model, x, crop_size=crop_hw, stride=stride_hw, flip=flip, swap=swap, softmax=softmax,
-                       align_corners=align_corners, per_batch=per_batch))
+                       align_corners=align_corners, per_batch=per_batch), owned=True)
     total /= len(scales) * (2 if flip else 1)
     return total
 
