@@ -12,6 +12,7 @@ rendering and writing that the workers did not hide (goal: at most 2).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -74,13 +75,14 @@ def main() -> None:
         folder = Path(tmp) / "images"
         folder.mkdir()
         paths = write_images(folder, args.images, (w, h))
-        cmd = [sys.executable, "-c", f"import torch, sys; torch.set_num_threads({args.threads}); "
-               "from segtorch.cli import main; sys.exit(main(sys.argv[1:]))",
+        # the command as users run it (`python -m segtorch` = the `segtorch` script), its threads set by
+        # OMP_NUM_THREADS
+        cmd = [sys.executable, "-m", "segtorch",
                "predict", str(folder), "--model", MODEL, "--out", str(Path(tmp) / "out"),
                "--outputs", args.outputs, "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
         t0 = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ,
-                                                                        "PYTHONPATH": str(ROOT)})
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                                        "OMP_NUM_THREADS": str(args.threads)})
         wall = time.perf_counter() - t0
         if res.returncode:
             sys.exit(f"the command failed:\n{res.stderr}")

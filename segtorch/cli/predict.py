@@ -115,7 +115,9 @@ def output_names(files: list[Path]) -> list[str]:
 
 def write_png(array, path: Path) -> None:
     """An H x W (8/16-bit) or H x W x 3 RGB array as a PNG, atomically. OpenCV's encoder at zlib level 1 with
-    run-length matching: about a fifth of the time of Pillow's default level for files of about its size."""
+    run-length matching and the one "up" row filter (where OpenCV offers the choice): a tenth of the time of
+    Pillow's default level; on 640x480 outputs the files are about as small as with every filter tried
+    (label and colour maps repeat row after row), overlays ~3% larger."""
     import cv2
     import numpy as np
 
@@ -123,8 +125,10 @@ def write_png(array, path: Path) -> None:
 
     if array.ndim == 3:
         array = np.ascontiguousarray(array[..., ::-1])  # RGB -> the BGR order OpenCV writes from
-    ok, data = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1,
-                                            cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # newer OpenCV releases; older ones choose filters per row
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+    ok, data = cv2.imencode(".png", array, params)
     if not ok:
         raise ValueError(f"{path}: cannot encode a {array.dtype} array of shape {array.shape} as PNG")
     atomic_write(path, data.tobytes())
@@ -184,12 +188,15 @@ class _Writer:
     def _write(self, name: str, image, labels, confidence) -> None:
         import numpy as np
 
+        from ..inference.render import blend
+
         seg, base = self.seg, self.out / name
         base.parent.mkdir(parents=True, exist_ok=True)
+        mask = seg.colorize(labels) if {"color", "overlay"} & set(self.outputs) else None  # made once for both
         pictures = {
             "labels": lambda: labels.astype(np.uint8 if seg.card.num_classes <= 256 else np.uint16),
-            "color": lambda: seg.colorize(labels),
-            "overlay": lambda: seg.overlay(image, labels),
+            "color": lambda: mask,
+            "overlay": lambda: blend(image, mask),
             "scores": lambda: np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8),
             "legend": lambda: seg.legend(labels),
         }
@@ -293,7 +300,7 @@ def cmd_predict(args) -> int:
         written = writer.done(report)
         bar.close()
     seconds = time.perf_counter() - t_start
-    print(f"{written} of {len(files) + len(errors)} inputs segmented in {seconds:.1f}s "
+    print(f"{written} of {len(files) + len(errors)} inputs segmented in {seconds:.2f}s "
           f"({written / max(seconds, 1e-9):.2f} images/s)", file=sys.stderr)
     if reference is not None and total:
         print(f"label agreement with fp32: {100.0 * agree / total:.3f}% of {total} pixels", file=sys.stderr)

@@ -44,7 +44,12 @@ def overlay(image_rgb: np.ndarray, labels: np.ndarray, palette: Palette, alpha: 
     if image.shape[:2] != np.shape(labels):
         raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} but labels are "
                          f"{np.shape(labels)[1]}x{np.shape(labels)[0]} (width x height)")
-    mask = colorize(labels, palette)
+    return blend(image, colorize(labels, palette), alpha)
+
+
+def blend(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``image * (1 - alpha) + mask * alpha`` truncated to uint8, for two H x W x 3 uint8 arrays (``overlay``
+    with its colour mask already made)."""
     if alpha == 0.5:  # (a + b) / 2 truncated, exactly what the float formula gives, in integers (5x faster)
         return ((image.astype(np.uint16) + mask) >> 1).astype(np.uint8)
     blended = image.astype(np.float64) * (1.0 - alpha) + mask.astype(np.float64) * alpha
