@@ -90,7 +90,26 @@ def _unflip(scores: torch.Tensor, swap: list[int] | None) -> torch.Tensor:
     return scores.flip(3)
 
 
-def _add_resized(buffer: torch.Tensor, scores: torch.Tensor, align_corners: bool) -> None:
+Scratch = dict  # (shape, dtype, device, layout) -> a buffer reused by _resize within one infer_logits call
+
+
+def _resize(x: torch.Tensor, size, align_corners: bool, scratch: Scratch) -> torch.Tensor:
+    """``F.interpolate(x, size, bilinear)`` written into a buffer reused from call to call (in ``x``'s memory
+    layout): on the CPU, filling fresh pages cost ~8x the resize itself. The result is valid until the next
+    call with the same shape: use it at once."""
+    shape = (*x.shape[:2], int(size[0]), int(size[1]))
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+    key = (shape, x.dtype, x.device, fmt)
+    if key not in scratch:
+        scratch[key] = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    out = scratch[key]
+    # F.interpolate(size=...) runs this same kernel, with no scale factors given
+    torch.ops.aten.upsample_bilinear2d.out(x, list(shape[2:]), align_corners, None, None, out=out)
+    return out
+
+
+def _add_resized(buffer: torch.Tensor, scores: torch.Tensor, align_corners: bool, scratch: Scratch) -> None:
     """``buffer += resize(scores, buffer's size)``, the full-size temporary made a few channels at a time."""
     size = buffer.shape[2:]
     if scores.shape[2:] == size:  # a bilinear resize to the same size is the identity
@@ -99,8 +118,7 @@ def _add_resized(buffer: torch.Tensor, scores: torch.Tensor, align_corners: bool
     per_channel = buffer.shape[0] * size[0] * size[1]
     step = max(1, _RESIZE_CHUNK_ELEMENTS // per_channel)
     for c in range(0, buffer.shape[1], step):
-        buffer[:, c:c + step] += F.interpolate(scores[:, c:c + step], size=size, mode="bilinear",
-                                               align_corners=align_corners)
+        buffer[:, c:c + step] += _resize(scores[:, c:c + step], size, align_corners, scratch)
 
 
 def _whole(model: Model, x: torch.Tensor, *, flip: bool, swap: list[int] | None, softmax: bool,
@@ -132,7 +150,8 @@ def _zeros_like_layout(like: torch.Tensor, n: int, height: int, width: int) -> t
 
 
 def _slide(model: Model, x: torch.Tensor, *, crop_size: tuple[int, int], stride: tuple[int, int], flip: bool,
-           swap: list[int] | None, softmax: bool, align_corners: bool, per_batch: int) -> torch.Tensor:
+           swap: list[int] | None, softmax: bool, align_corners: bool, per_batch: int, scratch: Scratch
+           ) -> torch.Tensor:
     """One scale, sliding window: the crop-averaged scores N x C x H x W (the size of ``x``), the flipped
     pass's already added. As the toolbox does per pass: the crops' scores summed, divided by how many crops
     cover each pixel; the flipped pass is summed in flipped coordinates and flipped back once at the end."""
@@ -153,14 +172,15 @@ def _slide(model: Model, x: torch.Tensor, *, crop_size: tuple[int, int], stride:
             crops.append(x[:, :, y1:y2, width - x2:width - x1].flip(3) if mirrored else x[:, :, y1:y2, x1:x2])
         out = _run(model, torch.cat(crops) if len(crops) > 1 else crops[0])
         crop_hw = crops[0].shape[2:]
-        if out.shape[2:] != crop_hw:
-            out = F.interpolate(out, size=crop_hw, mode="bilinear", align_corners=align_corners)
-        if softmax:
-            out = out.softmax(dim=1)
         for k, ((y1, y2, x1, x2), mirrored) in enumerate(chunk):
+            scores = out[k * n:(k + 1) * n]
+            if scores.shape[2:] != crop_hw:  # crop by crop, into one reused buffer
+                scores = _resize(scores, crop_hw, align_corners, scratch)
+            if softmax:
+                scores = scores.softmax(dim=1)
             if mirrored not in sums:
-                sums[mirrored] = _zeros_like_layout(out, n, height, width)
-            sums[mirrored][:, :, y1:y2, x1:x2] += out[k * n:(k + 1) * n]
+                sums[mirrored] = _zeros_like_layout(scores, n, height, width)
+            sums[mirrored][:, :, y1:y2, x1:x2] += scores
     scores = sums[False].div_(count)
     if flip:
         scores += _unflip(sums[True].div_(count), swap)
@@ -211,6 +231,7 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
         per_batch = batch_crops or max(1, budget // (crop_hw[0] * crop_hw[1]))
 
     total = None  # made at the first scale's scores, in their memory layout
+    scratch: Scratch = {}
 
     def add(scores: torch.Tensor, owned: bool = False) -> None:
         """``total += resize(scores)``; ``owned``: scores is a buffer of ours, which may become ``total``."""
@@ -222,7 +243,7 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
                 total = scores
                 return
             total = _zeros_like_layout(scores, n, out_h, out_w)
-        _add_resized(total, scores, align_corners)
+        _add_resized(total, scores, align_corners, scratch)
 
     for s in scales:
         # scale 1 is the identity for bilinear interpolation: skip the copy
@@ -235,7 +256,7 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
             add(_whole(model, x, flip=flip, swap=swap, softmax=softmax, batch_twin=twin))
         else:
             add(_slide(model, x, crop_size=crop_hw, stride=stride_hw, flip=flip, swap=swap, softmax=softmax,
-                       align_corners=align_corners, per_batch=per_batch), owned=True)
+                       align_corners=align_corners, per_batch=per_batch, scratch=scratch), owned=True)
     total /= len(scales) * (2 if flip else 1)
     return total
 
