@@ -33,8 +33,7 @@ import torch.nn.functional as F
 
 from ..layers import ActLayer, ConvNormAct, NormLayer, stage_decoder
 from ..segmentor import SegmentationModel
-from .aspp import ASPP
-from .psp import PyramidPoolingModule
+from .context import context_module
 from .selfattention import context_attention
 from .upernet import fpn_fuse, fpn_layers
 
@@ -75,15 +74,9 @@ class IDRNet(SegmentationModel):
 
         # coarse context (its width is the FPN's when an FPN is stacked on it)
         context_channels = fpn_feats_channels if use_fpn else feats_channels
-        self.coarse_context_module: nn.Module | None = None
-        if coarse_context == "aspp":
-            self.coarse_context_module = ASPP(feats_channels, context_channels, dilations, align_corners,
-                                              norm_layer, act_layer)
-        elif coarse_context == "ppm":
-            self.coarse_context_module = PyramidPoolingModule(feats_channels, context_channels, pool_scales,
-                                                              align_corners, norm_layer, act_layer)
-        elif coarse_context is not None:
-            raise ValueError(f"unknown IDRNet coarse context {coarse_context!r}; known: 'aspp', 'ppm'")
+        self.coarse_context_module: nn.Module | None = context_module(
+            coarse_context, feats_channels, context_channels, dilations=dilations, pool_scales=pool_scales,
+            align_corners=align_corners, norm_layer=norm_layer, act_layer=act_layer)
         if self.coarse_context_module is not None:
             # "before" wins when both are set, as in the toolbox
             if use_sa_on_coarsecontext_before:

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from ..layers import ActLayer, ConvNormAct, NormLayer, norm_by_name, stage_decoder
 from ..segmentor import SegmentationModel
-from .aspp import ASPP
-from .psp import PyramidPoolingModule
+from .context import context_module
 from .selfattention import context_attention
 
 
@@ -151,14 +150,11 @@ class MCIBI(SegmentationModel):
             self.downsample_backbone = nn.Sequential(
                 nn.Conv2d(in_channels, in_channels, 3, stride=downsample_stride, padding=1, bias=False),
                 norm_layer(in_channels), act_layer())
-        if context == "aspp":
-            self.context_within_image_module = ASPP(in_channels, feats_channels, context_dilations, align_corners,
-                                                    norm_layer, act_layer)
-        elif context == "ppm":
-            self.context_within_image_module = PyramidPoolingModule(in_channels, feats_channels, context_pool_scales,
-                                                                    align_corners, norm_layer, act_layer)
-        elif context is not None:
-            raise ValueError(f"unknown context module {context!r}; known: aspp, ppm")
+        within_image = context_module(context, in_channels, feats_channels, dilations=context_dilations,
+                                      pool_scales=context_pool_scales, align_corners=align_corners,
+                                      norm_layer=norm_layer, act_layer=act_layer)
+        if within_image is not None:  # absent, not None, without one: the state dict has no such keys
+            self.context_within_image_module = within_image
         self.bottleneck = ConvNormAct(in_channels, feats_channels, 3, norm_layer=norm_layer, act_layer=act_layer)
         self.memory_module = FeaturesMemory(
             num_classes, feats_channels, transform_channels, out_channels,
