@@ -12,7 +12,8 @@ from .errors import UsageError
 
 class ChannelsLast(torch.nn.Module):
     """Runs ``model`` on NHWC inputs: oneDNN's and cuDNN's faster convolution layout (same results to
-    rounding). The model's weights are converted once, here."""
+    rounding). The model's weights are converted once, here (a no-op for those ``load`` already folded into
+    channels-last tensors)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()

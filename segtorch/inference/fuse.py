@@ -69,7 +69,8 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def fold_batchnorm(model: nn.Module, example: torch.Tensor | None = None, rtol: float = 1e-4,
                    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    memory_format: torch.memory_format = torch.contiguous_format) -> nn.Module:
-    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d into it, in place; returns ``model``.
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d into it; returns ``model``, changed in
+    place (each folded convolution gets new weight and bias tensors; the loaded ones are not written).
 
     ``memory_format``: the folded weights' layout (``torch.channels_last`` for a model that will run NHWC).
 

@@ -93,13 +93,20 @@ def _unflip(scores: torch.Tensor, swap: list[int] | None) -> torch.Tensor:
 Scratch = dict  # (shape, dtype, device, layout) -> a buffer reused by _resize within one infer_logits call
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """``x``'s memory layout: channels-last scores written into NCHW buffers (or back) would be a transposing,
+    several times slower, copy or add."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _resize(x: torch.Tensor, size, align_corners: bool, scratch: Scratch) -> torch.Tensor:
     """``F.interpolate(x, size, bilinear)`` written into a buffer reused from call to call (in ``x``'s memory
     layout): on the CPU, filling fresh pages cost ~8x the resize itself. The result is valid until the next
     call with the same shape: use it at once."""
     shape = (*x.shape[:2], int(size[0]), int(size[1]))
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
+    fmt = _layout(x)
     key = (shape, x.dtype, x.device, fmt)
     if key not in scratch:
         scratch[key] = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -140,13 +147,9 @@ def _whole(model: Model, x: torch.Tensor, *, flip: bool, swap: list[int] | None,
 
 
 def _zeros_like_layout(like: torch.Tensor, n: int, height: int, width: int) -> torch.Tensor:
-    """Float32 zeros N x C x H x W in ``like``'s memory layout: a channels-last model's scores added into an
-    NCHW buffer would be a transposing (several times slower) add."""
-    channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
-        and not like.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    """Float32 zeros N x C x H x W (C from ``like``) in ``like``'s memory layout."""
     return torch.empty((n, like.shape[1], height, width), dtype=torch.float32, device=like.device,
-                       memory_format=fmt).zero_()
+                       memory_format=_layout(like)).zero_()
 
 
 def _slide(model: Model, x: torch.Tensor, *, crop_size: tuple[int, int], stride: tuple[int, int], flip: bool,
