@@ -89,6 +89,9 @@ def main() -> None:
         match = re.search(r"(\d+) of (\d+) inputs segmented in ([\d.]+)s", res.stderr)
         command = float(match.group(3))
         forwards = forward_seconds(paths, args.batch_size)
+    from segtorch.inference.precision import describe_cpu
+
+    print(f"CPU: {describe_cpu()}")
     print(f"{args.images} images {w}x{h}, {MODEL}, outputs {args.outputs}, {args.threads} threads, "
           f"{args.workers} workers, batch {args.batch_size}")
     print(f"  command beyond start-up: {command:.2f} s ({args.images / command:.1f} images/s; whole process "

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 
 import segtorch  # noqa: E402
-from segtorch.inference.precision import cpu_flags, cpu_supports_bf16  # noqa: E402
+from segtorch.inference.precision import cpu_supports_bf16, describe_cpu  # noqa: E402
 from segtorch.testing import UPSTREAM_DIR, relative_error, seeded_input, seeded_state_dict  # noqa: E402
 
 TTA_NAME = "pspnet_resnet50os8_ade20k"
@@ -271,10 +271,7 @@ def main() -> None:
     ap.add_argument("--onnx", action="store_true", help="also time onnxruntime (CPU) on the tta case")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    flags = cpu_flags()
-    shown = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
-    print(f"torch {torch.__version__}; CPU flags: {' '.join(shown) or 'unknown'}; "
-          f"bf16 fast path: {'yes' if cpu_supports_bf16() else 'no'}; threads {args.threads}; device {args.device}")
+    print(f"torch {torch.__version__}; CPU: {describe_cpu()}; threads {args.threads}; device {args.device}")
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name()}")
     try:

@@ -38,9 +38,11 @@ def test_demo_miou_reproduces_the_card(tmp_path):
     from segtorch.evaluation.reproduce import evaluate_model
 
     root = Shapes.generate(tmp_path / "shapes")
-    result = evaluate_model(NAME, str(root), device="cpu", workers=0, progress=False)
+    result = evaluate_model(NAME, str(root), device="cpu", workers=2, progress=False)  # batches of 4
     assert result.num_images == 50
     assert abs(result.miou - segtorch.model_card(NAME).reported["miou"]) < 0.1, result.miou
+    one_by_one = evaluate_model(NAME, str(root), device="cpu", workers=0, batch_size=1, progress=False)
+    assert abs(one_by_one.miou - result.miou) < 1e-6  # batching changes rounding at most, not labels
 
 
 def readme_commands() -> list[str]:

@@ -130,6 +130,49 @@ def test_evaluate_streams_over_a_dataset(tmp_path):
         evaluate(lambda image: np.zeros((2, 2), int), ds, progress=False)
 
 
+class _SizedImages:
+    """Images of the given sizes whose first channel holds the label (so a prediction can be checked
+    against the item it came from)."""
+    num_classes = 3
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def __getitem__(self, i):
+        h, w = self.sizes[i]
+        label = np.random.default_rng(i).integers(0, 3, (h, w)).astype(np.int64)
+        image = np.stack([label, np.full_like(label, i), label], -1).astype(np.uint8)
+        return {"image": image, "label": label, "id": f"img{i}"}
+
+
+def _first_channel(image):  # module level: the reading processes get it by pickling
+    return torch.from_numpy(image[None, None, ..., 0].copy())
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_prepared_inputs_are_batched_by_size_in_order(workers):
+    a, b = (6, 8), (8, 6)
+    ds = _SizedImages([a, a, a, b, a, a, b])
+    calls = []
+
+    def predict(batch, size):
+        calls.append((batch.shape[0], size))
+        assert batch.shape[2:] == size
+        return [x[0].numpy() for x in batch]  # the label each prepared input carries
+
+    metrics, n = evaluate(predict, ds, progress=False, num_workers=workers, prepare=_first_channel, batch_size=2)
+    assert n == 7 and metrics.miou == 100.0  # every prediction went back to its own image
+    assert calls == [(2, a), (1, a), (1, b), (2, a), (1, b)]
+    calls.clear()
+    evaluate(predict, ds, progress=False, prepare=_first_channel, batch_size=1)
+    assert [c[0] for c in calls] == [1] * 7
+    with pytest.raises(ValueError, match="batch_size must be at least 1, and 1 without prepare; got 2"):
+        evaluate(lambda image: image[..., 0], ds, progress=False, batch_size=2)
+
+
 def _result(names=("wall", "building, edifice", "sky")) -> EvalResult:
     cm = ConfusionMatrix(3)
     cm.update(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]))
@@ -164,9 +207,9 @@ class FakeSegmenter:
     def __init__(self, record):
         self.record = record
 
-    def predict(self, image, tta=False):
-        self.record.append(tta)
-        return np.zeros(image.shape[:2], np.int32)
+    def predict_prepared(self, batch, size, tta=False):
+        self.record.append((tta, batch.shape[0]))
+        return [np.zeros(size, np.int32)] * batch.shape[0]
 
 
 def test_reproduce_cli_end_to_end(tmp_path, monkeypatch, capsys):
@@ -184,8 +227,10 @@ def test_reproduce_cli_end_to_end(tmp_path, monkeypatch, capsys):
     rc = reproduce_main(["isnet_resnet101os8_ade20k", "--data-root", str(tmp_path / "ADEChallengeData2016"),
                          "--checkpoint", "w.pth", "--limit", "2", "--device", "cpu", "--json", str(out_json),
                          "--tta", "--workers", "0", "--no-progress"])
-    assert rc == 0 and loads == [("isnet_resnet101os8_ade20k", "w.pth", "cpu")] and calls == [True, True]
+    assert rc == 0 and loads == [("isnet_resnet101os8_ade20k", "w.pth", "cpu")]
+    assert calls == [(True, 2)]  # whole mode: the two equal-sized images in one batch
     out = capsys.readouterr().out
+    assert "2 images in " in out and "images/s)" in out
     card = segtorch.model_card("isnet_resnet101os8_ade20k")
     # two of the split's three images: a subset, so no comparison with the full-set figure (issue 14.13)
     assert "wall" in out and ("isnet_resnet101os8_ade20k on ade20k val (first 2 of 3 images: a subset, not "

@@ -550,6 +550,18 @@ def test_autocast_context(monkeypatch):
         assert torch.is_autocast_enabled("cpu")
 
 
+def test_benchmarks_name_the_cpu_kind(monkeypatch):
+    """Zen 4 and Zen 5 have the same name and nearly the same flags: the family/model numbers tell them apart."""
+    info = {"model name": "AMD EPYC", "cpu family": "26", "model": "2", "flags": "sse avx2 fma avx512f avx512_bf16"}
+    monkeypatch.setattr(precision_mod, "_cpuinfo", lambda: info)
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset(info["flags"].split()))
+    assert precision_mod.describe_cpu() == ("AMD EPYC (family 26 model 2); flags: avx2 avx512_bf16 avx512f fma; "
+                                            "bf16 fast path: yes")
+    monkeypatch.setattr(precision_mod, "_cpuinfo", lambda: {})
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset())
+    assert precision_mod.describe_cpu() == "unknown CPU; flags: unknown; bf16 fast path: no"
+
+
 def test_fold_pairs_need_no_source_files(monkeypatch):
     """From a wheel, a zip or .pyc files there is no source to read: folding must find the same pairs."""
     import inspect

@@ -1,7 +1,7 @@
 """``segtorch eval`` and ``benchmarks/reproduce.py``: reproduce the cards' mIoU.
 
     reproduce NAME|PATTERN|--all --data-root DIR [--checkpoint PATH] [--tta] [--limit N] [--device D]
-              [--json OUT] [--markdown OUT] [--split S] [--workers N]
+              [--json OUT] [--markdown OUT] [--split S] [--workers N] [--batch-size N]
 
 ``--data-root`` is the dataset's top folder as downloaded (``.../ADEChallengeData2016``), or, for a pattern
 or ``--all``, a folder holding several (``~/data`` with ``ADEChallengeData2016/``, ``cityscapes/``,
@@ -35,7 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "their accuracy cost)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON (and Markdown beside it, .md)")
     p.add_argument("--markdown", metavar="OUT", help="where to write the Markdown table (default: beside --json)")
-    p.add_argument("--workers", type=nonnegative_int, default=2, help="processes reading images ahead (default 2)")
+    p.add_argument("--workers", type=nonnegative_int, default=2,
+                   help="processes reading and preprocessing images ahead (default 2)")
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="whole mode: consecutive images of one size per forward pass (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -104,12 +107,14 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
             continue
         result = evaluate_model(card.name, args.data_root, checkpoint=args.checkpoint, tta=args.tta,
                                 limit=args.limit, split=args.split, device=args.device, precision=args.precision,
-                                workers=args.workers, progress=progress)
+                                workers=args.workers, batch_size=args.batch_size, progress=progress)
         print(result.table(), file=out, flush=True)
+        print(f"{result.num_images} images in {result.seconds:.2f}s "
+              f"({result.num_images / max(result.seconds, 1e-9):.2f} images/s)", file=out, flush=True)
         if args.precision != "fp32":  # what the faster precision costs, measured on the same images
             exact = evaluate_model(card.name, args.data_root, checkpoint=args.checkpoint, tta=args.tta,
                                    limit=args.limit, split=args.split, device=args.device, precision="fp32",
-                                   workers=args.workers, progress=progress)
+                                   workers=args.workers, batch_size=args.batch_size, progress=progress)
             print(f"accuracy cost of {args.precision}: mIoU {result.miou:.2f} vs fp32 {exact.miou:.2f} "
                   f"({result.miou - exact.miou:+.2f})", file=out, flush=True)
         print(file=out)
@@ -127,7 +132,9 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
     elif args.markdown:
         from pathlib import Path
 
-        Path(args.markdown).expanduser().write_text("\n".join(r.markdown() for r in results))
+        from ..files import atomic_write
+
+        atomic_write(Path(args.markdown).expanduser(), "\n".join(r.markdown() for r in results))
     return 0
 
 

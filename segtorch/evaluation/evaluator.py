@@ -6,7 +6,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -14,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from .metrics import ConfusionMatrix, Metrics
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
@@ -23,17 +23,40 @@ def _identity(item):
     return item
 
 
+class _Inputs(torch.utils.data.Dataset):
+    """The dataset's items as the loop needs them, made in the reading processes: the label, the image's
+    (h, w), and the model's input (``prepare(image)``, or the image itself)."""
+
+    def __init__(self, dataset, indices: Sequence[int], prepare: Callable | None):
+        self.dataset, self.indices, self.prepare = dataset, indices, prepare
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.dataset[self.indices[i]]
+        image = item["image"]
+        return {"id": item["id"], "label": item["label"], "size": tuple(image.shape[:2]),
+                "input": image if self.prepare is None else self.prepare(image)}
+
+
 def evaluate(predict_fn: PredictFn, dataset, num_classes: int | None = None, *, limit: int | None = None,
-             progress: bool | None = None, num_workers: int = 0, desc: str = "eval",
-             distributed: bool = False) -> tuple[Metrics, int]:
+             progress: bool | None = None, num_workers: int = 0, desc: str = "eval", distributed: bool = False,
+             prepare: Callable | None = None, batch_size: int = 1) -> tuple[Metrics, int]:
     """Run ``predict_fn`` (HxWx3 uint8 RGB -> HxW class indices) over ``dataset`` (items with "image",
-    "label", "id") and return (metrics, number of images). Streams: one image in memory at a time.
+    "label", "id") and return (metrics, number of images). Streams: a few images in memory at a time.
 
     ``limit``: the first N images only. ``progress``: a tqdm bar (None: only on a terminal).
     ``num_workers``: processes reading images ahead. ``distributed``: each torch.distributed process takes
     every world_size-th image and the counts are summed (every process gets the totals).
+    ``prepare``: a picklable function the reading processes apply to every image (e.g. the card's test-time
+    resize and normalisation, giving 1 x 3 x h x w); then ``predict_fn(batch, (h, w))`` gets up to
+    ``batch_size`` consecutive prepared inputs of one shape, from images of one size, concatenated along
+    the first dimension, and returns one label map per image.
     """
     num_classes = num_classes if num_classes is not None else dataset.num_classes
+    if batch_size < 1 or (prepare is None and batch_size != 1):
+        raise ValueError(f"batch_size must be at least 1, and 1 without prepare; got {batch_size}")
     indices = list(range(len(dataset)))
     if limit is not None:
         if limit < 1:
@@ -44,22 +67,39 @@ def evaluate(predict_fn: PredictFn, dataset, num_classes: int | None = None, *, 
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         indices = indices[rank::world]  # no padding: every image is counted once
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=None, shuffle=False,
+    loader = torch.utils.data.DataLoader(_Inputs(dataset, indices, prepare), batch_size=None, shuffle=False,
                                          num_workers=num_workers, collate_fn=_identity)
     confusion = ConfusionMatrix(num_classes)
     from tqdm import tqdm
 
     show = progress if progress is not None else sys.stderr.isatty()
-    bar = tqdm(loader, total=len(indices), desc=desc, disable=not show or rank != 0, unit="img", dynamic_ncols=True)
-    for item in bar:
-        pred = predict_fn(item["image"])
-        pred = pred.cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
-        if pred.shape != item["label"].shape:
-            raise ValueError(f"image {item['id']}: prediction is {pred.shape} but the annotation is "
-                             f"{item['label'].shape}")
-        confusion.update(pred, item["label"])
-        if show and bar.n % 10 == 0:
+    bar = tqdm(total=len(indices), desc=desc, disable=not show or rank != 0, unit="img", dynamic_ncols=True)
+    batch: list[dict] = []
+
+    def run_batch() -> None:
+        if prepare is None:
+            preds = [predict_fn(batch[0]["input"])]
+        else:
+            preds = list(predict_fn(torch.cat([item["input"] for item in batch]), batch[0]["size"]))
+        for item, pred in zip(batch, preds, strict=True):
+            pred = pred.cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+            if pred.shape != item["label"].shape:
+                raise ValueError(f"image {item['id']}: prediction is {pred.shape} but the annotation is "
+                                 f"{item['label'].shape}")
+            confusion.update(pred, item["label"])
+        before = bar.n
+        bar.update(len(batch))
+        if show and bar.n // 10 > before // 10:
             bar.set_postfix(mIoU=f"{confusion.compute().miou:.2f}")
+        batch.clear()
+
+    for item in loader:
+        if batch and (len(batch) >= batch_size or item["size"] != batch[0]["size"]
+                      or item["input"].shape != batch[0]["input"].shape):
+            run_batch()
+        batch.append(item)
+    if batch:
+        run_batch()
     bar.close()
     if world > 1:
         confusion.all_reduce()
@@ -153,29 +193,14 @@ def _short(name: str) -> str:
     return name.split(",")[0]  # ADE20K names list synonyms: "wall", "building, edifice", ...
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are ordinary files
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_results(results: Sequence[EvalResult], json_path: str | os.PathLike,
                   markdown_path: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """JSON (one object for one result, else a list) and a Markdown report (default: beside, ``.md``)."""
     json_path = Path(json_path).expanduser()
     records = [r.to_dict() for r in results]
-    _write_atomic(json_path, json.dumps(records[0] if len(records) == 1 else records, indent=2) + "\n")
+    atomic_write(json_path, json.dumps(records[0] if len(records) == 1 else records, indent=2) + "\n")
     md_path = Path(markdown_path).expanduser() if markdown_path else json_path.with_suffix(".md")
-    _write_atomic(md_path, "\n".join(r.markdown() for r in results))
+    atomic_write(md_path, "\n".join(r.markdown() for r in results))
     return json_path, md_path
 
 
