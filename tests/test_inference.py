@@ -442,6 +442,8 @@ def test_colorize_and_overlay_match_the_toolbox_picture():
     assert np.array_equal(overlay(image, labels, PALETTE, alpha=0.0), image)
     with pytest.raises(ValueError, match="labels"):
         overlay(image, labels[:2], PALETTE)
+    inside = np.array([[0, 1], [2, 0]], np.int32)  # every id in the palette: the lookup without the clamp
+    assert np.array_equal(colorize(inside, PALETTE), np.array(PALETTE, np.uint8)[inside])
 
 
 def test_legend_image():
