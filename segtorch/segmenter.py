@@ -118,14 +118,13 @@ class Segmenter:
         """(normalised N,3,h,w float tensor, the size scores go back to or None for the input's own)."""
         import warnings
 
-        from .inference.image import preprocess, read_image
+        from .inference.image import read_image
 
         if isinstance(images, np.ndarray) and images.dtype.kind == "f":
             images = torch.from_numpy(np.ascontiguousarray(images))
         if not isinstance(images, torch.Tensor):  # an image: the card's own test pipeline
             image = read_image(images)
-            pre = self.card.preprocess
-            return preprocess(image, pre.resize, pre.mean, pre.std), image.shape[:2]
+            return self.preprocessor()(image), image.shape[:2]
         if images.ndim == 3:
             images = images[None]
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
@@ -151,11 +150,20 @@ class Segmenter:
     def prepare(self, image) -> tuple[np.ndarray, torch.Tensor]:
         """(HxWx3 uint8 RGB image, 1x3xhxw normalised tensor): reading and the card's test-time resize and
         normalisation, the part of ``predict`` that worker threads can run ahead of the model."""
-        from .inference.image import preprocess, read_image
+        from .inference.image import read_image
 
         image = read_image(image)
+        return image, self.preprocessor()(image)
+
+    def preprocessor(self):
+        """The card's test-time resize and normalisation as a picklable function (HxWx3 uint8 RGB ->
+        1x3xhxw float32) that reading processes can run without the model."""
+        import functools
+
+        from .inference.image import preprocess
+
         pre = self.card.preprocess
-        return image, preprocess(image, pre.resize, pre.mean, pre.std)
+        return functools.partial(preprocess, resize=pre.resize, mean=pre.mean, std=pre.std)
 
     def predict_prepared(self, batch: torch.Tensor, size, tta: bool = False, mode: str | None = None,
                          crop_size=None, stride=None, return_scores: bool = False) -> list:

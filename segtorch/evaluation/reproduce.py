@@ -24,14 +24,11 @@ def evaluate_model(name: str, data_root: str, *, checkpoint=None, tta: bool = Fa
     The reading processes (``workers``) also run the card's test-time resize and normalisation; in whole
     mode up to ``batch_size`` consecutive images of one size share a forward pass (slide mode batches the
     crops of one image instead)."""
-    import functools
-
     import torch
 
     import segtorch
 
     from ..data import dataset_class
-    from ..inference.image import preprocess
     from .evaluator import timed_evaluate
 
     card = segtorch.model_card(name)
@@ -39,11 +36,9 @@ def evaluate_model(name: str, data_root: str, *, checkpoint=None, tta: bool = Fa
     dataset = dataset_class(card.dataset)(data_root, split, class_names=card.class_names)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     seg = segtorch.load(card.name, checkpoint=checkpoint, device=device, precision=precision)
-    pre = card.preprocess
     whole = (card.inference.tta if tta else card.inference.default).mode == "whole"
     return timed_evaluate(lambda batch, size: seg.predict_prepared(batch, size, tta=tta), dataset,
                           name=card.name, dataset_key=card.dataset, tta=tta, class_names=card.class_names,
                           reported=reported_for(card, tta), limit=limit, num_workers=workers, progress=progress,
-                          desc=card.name, prepare=functools.partial(preprocess, resize=pre.resize, mean=pre.mean,
-                                                                    std=pre.std),
+                          desc=card.name, prepare=seg.preprocessor(),
                           batch_size=batch_size if whole else 1)
