@@ -32,10 +32,12 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(dst: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(dst: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``dst``; when the block ends without error it is renamed onto ``dst``
     (readers see the old file or the new one, never half of one), else removed. The new file gets the
-    ordinary permissions (0o666 less the umask), as ``open(dst, "w")`` would give it."""
+    ordinary permissions (0o666 less the umask), as ``open(dst, "w")`` would give it. ``durable``: its data
+    is flushed to the disk before the rename, so that a power cut cannot leave an empty file under ``dst``
+    (training checkpoints; not worth a disk flush per file for many small outputs)."""
     dst = Path(dst)
     if dst.is_dir():
         raise IsADirectoryError(f"{dst} is a directory; give a file path")
@@ -45,6 +47,12 @@ def atomic_path(dst: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if durable:
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
         os.replace(tmp, dst)
     except BaseException:

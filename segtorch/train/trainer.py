@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from .losses import DEFAULT_LOSSES, training_losses
 from .optim import PolySchedule, build_optimizer, clip_gradients
 from ..errors import CheckpointError, UsageError
+from ..files import atomic_path
 
 CHECKPOINT_FORMAT = "segtorch-train-1"
 
@@ -163,25 +163,9 @@ def whole_image_predictor(mean: Sequence[float] = (123.675, 116.28, 103.53),
     return predict
 
 
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, _default_mode())  # mkstemp makes 0600 files; a checkpoint is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, durable=True) as tmp:  # a checkpoint must survive a crash right after saving
+        torch.save(obj, tmp)
 
 
 class Trainer:

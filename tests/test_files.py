@@ -1,0 +1,72 @@
+"""segtorch.files: the one atomic write and the one hash every other layer uses."""
+import hashlib
+import os
+import stat
+
+import pytest
+
+from segtorch import files
+
+
+def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
+    dst = tmp_path / "out.bin"
+    dst.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with files.atomic_path(dst) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert dst.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]  # no temporary left behind
+    files.atomic_write(dst, b"new")
+    assert dst.read_bytes() == b"new"
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = files.atomic_write(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # 0o666 less the umask, not mkstemp's 0o600
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_durable_flushes_before_the_rename(tmp_path, monkeypatch, durable):
+    dst = tmp_path / "ckpt.pth"
+    flushed = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        flushed.append(dst.exists())  # what a reader would see at that moment
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with files.atomic_path(dst, durable=durable) as tmp:
+        tmp.write_bytes(b"weights")
+    assert dst.read_bytes() == b"weights"
+    assert flushed == ([False] if durable else [])
+
+
+def test_trainer_checkpoints_are_durable_atomic_writes(tmp_path, monkeypatch):
+    from segtorch.train import trainer
+
+    calls = []
+    real = files.atomic_path
+
+    def spy(dst, durable=False):
+        calls.append(durable)
+        return real(dst, durable=durable)
+
+    monkeypatch.setattr(trainer, "atomic_path", spy)
+    trainer._save_atomic({"step": 3}, tmp_path / "sub" / "last.pth")
+    import torch
+
+    assert torch.load(tmp_path / "sub" / "last.pth") == {"step": 3}
+    assert calls == [True]
+
+
+def test_sha256_file_matches_hashlib(tmp_path):
+    data = os.urandom(3 * (1 << 20) + 17)  # more than one read block, not a multiple of it
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert files.sha256_file(path) == hashlib.sha256(data).hexdigest()
