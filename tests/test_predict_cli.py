@@ -176,3 +176,21 @@ def test_scores_and_output_choice_and_batches(tmp_path, capsys):
         assert (np.array(Image.open(out / f"{i}_labels.png")) == labels).all()
         stored = np.array(Image.open(out / f"{i}_scores.png")).astype(int)
         assert np.abs(stored - np.rint(confidence * 255)).max() <= 1
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getpriority"), reason="no nice values on this platform")
+@pytest.mark.parametrize("below_model", [True, False])
+def test_helper_threads_yield_to_a_cpu_model(monkeypatch, below_model):
+    import os
+
+    from segtorch.cli import predict
+
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    with predict.helper_pool(2, "read", below_model=below_model) as pool:
+        niceness = pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == mine  # the calling (model's) thread keeps its priority
+    lowered = below_model and sys.platform == "linux"
+    assert niceness == (min(19, mine + predict.HELPER_NICENESS) if lowered else mine)
+    monkeypatch.setattr(sys, "platform", "darwin")  # per-process there: never lowered
+    with predict.helper_pool(1, "write", below_model=True) as pool:
+        assert pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result() == mine
