@@ -179,8 +179,9 @@ def _check_options(args) -> Path:
 
 # How much lower the reading and writing threads run than the model's, for a model on the CPU. They share the
 # cores with its OpenMP threads: a decode or encode that preempts one of those stalls all of them at the next
-# barrier. 48 JPEGs on 2 cores (benchmarks/predict_throughput.py): 1.37 s median at the same priority, 1.20 s at
-# +10, 1.13 s at +19; +10 leaves them a fair share when other programs compete for the cores.
+# barrier. 48 JPEGs on 2 Zen 5 cores (benchmarks/predict_throughput.py's folder, 6 interleaved runs each): 1.54 s
+# median at the same priority, 1.24 s at +10, 1.22 s at +19; +10 leaves them a fair share when other programs
+# compete for the cores.
 HELPER_NICENESS = 10
 
 
