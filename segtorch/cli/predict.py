@@ -50,7 +50,8 @@ def add_parser(subparsers):
     s.add_argument("--scores", action="store_true", help="also write the per-pixel confidence (max probability)")
     s.add_argument("--legend", action="store_true", help="also write a legend of the classes present")
     s.add_argument("--batch-size", type=int, default=4, help="equal-sized images per forward pass (default 4)")
-    s.add_argument("--workers", type=int, default=2, help="threads reading ahead and writing behind (default 2)")
+    s.add_argument("--workers", type=int, default=2, help="threads reading ahead and writing behind, below the model's priority on a CPU device, on Linux "
+                        "(default 2)")
     s.set_defaults(func=cmd_predict)
     return s
 
