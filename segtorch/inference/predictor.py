@@ -101,16 +101,18 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _resize(x: torch.Tensor, size, align_corners: bool, scratch: Scratch) -> torch.Tensor:
-    """``F.interpolate(x, size, bilinear)`` written into a buffer reused from call to call (in ``x``'s memory
-    layout): on the CPU, filling fresh pages cost ~8x the resize itself. The result is valid until the next
-    call with the same shape: use it at once."""
+def _resize(x: torch.Tensor, size, align_corners: bool, scratch: Scratch | None = None) -> torch.Tensor:
+    """``F.interpolate(x, size, bilinear)`` in ``x``'s memory layout, written into a buffer reused from call to
+    call when ``scratch`` is given: on the CPU, filling fresh pages cost ~8x the resize itself. Such a result
+    is valid until the next call with the same shape: use it at once."""
     shape = (*x.shape[:2], int(size[0]), int(size[1]))
     fmt = _layout(x)
     key = (shape, x.dtype, x.device, fmt)
-    if key not in scratch:
-        scratch[key] = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-    out = scratch[key]
+    out = scratch.get(key) if scratch is not None else None
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        if scratch is not None:
+            scratch[key] = out
     # F.interpolate(size=...) runs this same kernel, with no scale factors given
     torch.ops.aten.upsample_bilinear2d.out(x, list(shape[2:]), align_corners, None, None, out=out)
     return out
@@ -239,14 +241,16 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
     def add(scores: torch.Tensor, owned: bool = False) -> None:
         """``total += resize(scores)``; ``owned``: scores is a buffer of ours, which may become ``total``."""
         nonlocal total
-        if total is None:
-            if scores.shape[1] != num_classes:
-                raise ValueError(f"the model gives {scores.shape[1]} class scores, the card says {num_classes}")
-            if owned and tuple(scores.shape[2:]) == (out_h, out_w):  # no second full-size buffer
-                total = scores
-                return
-            total = _zeros_like_layout(scores, n, out_h, out_w)
-        _add_resized(total, scores, align_corners, scratch)
+        if total is not None:
+            _add_resized(total, scores, align_corners, scratch)
+            return
+        if scores.shape[1] != num_classes:
+            raise ValueError(f"the model gives {scores.shape[1]} class scores, the card says {num_classes}")
+        # the first term is resized straight into ``total`` (0 + x is x): no zero-filled buffer, no temporary
+        if tuple(scores.shape[2:]) == (out_h, out_w):
+            total = scores if owned else scores.clone()
+        else:
+            total = _resize(scores, (out_h, out_w), align_corners)
 
     for s in scales:
         # scale 1 is the identity for bilinear interpolation: skip the copy
@@ -260,7 +264,9 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
         else:
             add(_slide(model, x, crop_size=crop_hw, stride=stride_hw, flip=flip, swap=swap, softmax=softmax,
                        align_corners=align_corners, per_batch=per_batch, scratch=scratch), owned=True)
-    total /= len(scales) * (2 if flip else 1)
+    terms = len(scales) * (2 if flip else 1)
+    if terms > 1:  # dividing by 1 is the identity: no pass over the full-size scores
+        total /= terms
     return total
 
 
