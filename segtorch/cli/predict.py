@@ -115,27 +115,12 @@ def output_names(files: list[Path]) -> list[str]:
     return names
 
 
-def write_png(array, path: Path, picture: bool = False) -> None:
-    """An H x W (8/16-bit) or H x W x 3 RGB array as a PNG, atomically, with OpenCV's encoder at zlib level 1
-    after the one "up" row filter (where OpenCV offers the choice): a tenth of the time of Pillow's default
-    level. Maps (labels, colours) repeat row after row: run-length matching makes them ~100x smaller than raw.
-    ``picture`` (the overlay, photograph-like): Huffman coding only, as small as matching on photographs
-    (0.18 of raw on a smooth 640x480 picture, 0.8 on noise) at 2/3 of its time."""
-    import cv2
-    import numpy as np
-
+def write_png(array, path: Path) -> None:
+    """An H x W (8/16-bit) or H x W x 3 RGB array as a PNG file, atomically (``inference/png.py``)."""
     from ..files import atomic_write
+    from ..inference.png import encode_png
 
-    if array.ndim == 3:
-        array = np.ascontiguousarray(array[..., ::-1])  # RGB -> the BGR order OpenCV writes from
-    strategy = cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY if picture else cv2.IMWRITE_PNG_STRATEGY_RLE
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, strategy]
-    if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # newer OpenCV releases; older ones choose filters per row
-        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
-    ok, data = cv2.imencode(".png", array, params)
-    if not ok:
-        raise ValueError(f"{path}: cannot encode a {array.dtype} array of shape {array.shape} as PNG")
-    atomic_write(path, data.tobytes())
+    atomic_write(path, encode_png(array))
 
 
 def _default_model() -> str:
@@ -228,7 +213,7 @@ class _Writer:
             "legend": lambda: seg.legend(labels),
         }
         for kind in self.outputs:
-            write_png(pictures[kind](), base.with_name(f"{base.name}_{kind}.png"), picture=kind == "overlay")
+            write_png(pictures[kind](), base.with_name(f"{base.name}_{kind}.png"))
 
     def done(self, report) -> int:
         written = 0
