@@ -50,8 +50,9 @@ def add_parser(subparsers):
     s.add_argument("--scores", action="store_true", help="also write the per-pixel confidence (max probability)")
     s.add_argument("--legend", action="store_true", help="also write a legend of the classes present")
     s.add_argument("--batch-size", type=int, default=4, help="equal-sized images per forward pass (default 4)")
-    s.add_argument("--workers", type=int, default=2, help="threads reading ahead and writing behind, below the model's priority on a CPU device, on Linux "
-                        "(default 2)")
+    s.add_argument("--workers", type=int, default=2,
+                   help="threads reading ahead and writing behind, below the model's priority on a CPU device, on "
+                        "Linux (default 2)")
     s.set_defaults(func=cmd_predict)
     return s
 
@@ -167,7 +168,7 @@ def _check_options(args) -> Path:
 # cores with its OpenMP threads: a decode or encode that preempts one of those stalls all of them at the next
 # barrier. 48 JPEGs on 2 Zen 5 cores (benchmarks/predict_throughput.py's folder, 6 interleaved runs each): 1.54 s
 # median at the same priority, 1.24 s at +10, 1.22 s at +19; +10 leaves them a fair share when other programs
-# compete for the cores.
+# compete for the cores. Since encoding got cheaper (inference/png.py, 2026-11-24), +0 to +19 measure within noise.
 HELPER_NICENESS = 10
 
 
