@@ -169,15 +169,15 @@ class Segmenter:
                          crop_size=None, stride=None, return_scores: bool = False) -> list:
         """``predict`` for N prepared images of one original ``size`` (h, w), stacked N x 3 x h x w: one
         label map (or (labels, confidence)) per image."""
-        from .inference.predictor import class_argmax, infer_logits, labels_and_confidence
+        from .inference.predictor import infer_labels, infer_logits, labels_and_confidence
 
         settings = self.inference_settings(tta, mode=mode, crop_size=crop_size, stride=stride)
+        kwargs = dict(num_classes=self.card.num_classes, align_corners=self.card.architecture["align_corners"],
+                      output_size=tuple(size), **settings)
         with torch.inference_mode(), self._autocast():
-            scores = infer_logits(self._forward, batch.to(self.device), num_classes=self.card.num_classes,
-                                  align_corners=self.card.architecture["align_corners"],
-                                  output_size=tuple(size), **settings)
             if not return_scores:
-                return list(class_argmax(scores).cpu().numpy())
+                return list(infer_labels(self._forward, batch.to(self.device), **kwargs).cpu().numpy())
+            scores = infer_logits(self._forward, batch.to(self.device), **kwargs)
             labels, confidence = labels_and_confidence(scores, bool(settings["softmax_before_resize"]))
         return list(zip(labels.cpu().numpy(), confidence.cpu().numpy()))
 

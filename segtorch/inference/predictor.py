@@ -199,26 +199,18 @@ def _model_dtype(model) -> torch.dtype | None:
     return None
 
 
-@torch.inference_mode()
-def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_corners: bool,
-                 mode: str | None = "whole", crop_size: Sequence[int] | int | None = None,
-                 stride: Sequence[int] | int | None = None, scales: Sequence[float] | None = (1.0,),
-                 flip: bool | None = False, flip_pairs: Sequence[Sequence[int]] | None = (),
-                 softmax_before_resize: bool | None = False, batch_crops: int | None = None,
-                 output_size: Sequence[int] | None = None) -> torch.Tensor:
-    """Scores N x C x H x W for normalised ``images`` N x 3 x h x w, averaged over ``scales`` and (with
-    ``flip``) horizontal flips as the toolbox averages them. ``H x W`` is ``output_size`` (default: the input
-    size); every scale's scores are resized straight to it, as the toolbox resizes to the original image.
-
-    ``mode``: "whole" or "slide" (``crop_size``/``stride`` as (h, w)). ``flip_pairs``: classes that swap under
-    a horizontal flip (e.g. left/right arm). ``softmax_before_resize``: average probabilities (softmax at the
-    model's resolution, or per crop) instead of logits. ``batch_crops``: images per forward pass (default:
-    from a memory budget). ``None`` for any TTA argument means its default.
-    """
+def _scale_scores(model: Model, images: torch.Tensor, *, num_classes: int, align_corners: bool,
+                  mode: str | None = "whole", crop_size: Sequence[int] | int | None = None,
+                  stride: Sequence[int] | int | None = None, scales: Sequence[float] | None = (1.0,),
+                  flip: bool | None = False, flip_pairs: Sequence[Sequence[int]] | None = (),
+                  softmax_before_resize: bool | None = False, batch_crops: int | None = None):
+    """Each scale's scores, its flipped pass's added, before the final resize, with whether the buffer is
+    ours (the caller may keep it): at the head's stride (whole) or at the scaled input's size (slide). The
+    test-time settings and their defaults (``infer_logits`` says what they mean)."""
     mode = mode or "whole"
+    scales = tuple(scales) if scales else (1.0,)
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', not {mode!r}")
-    scales = tuple(scales) if scales else (1.0,)
     flip, softmax = bool(flip), bool(softmax_before_resize)
     swap = _swap_index(num_classes, flip_pairs) if flip else None
     if images.ndim != 4:
@@ -228,30 +220,12 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
     # reduced-precision copy) leave the images in float32 for the resizes, as autocast does
     if dtype in (torch.float32, torch.float64) and dtype != images.dtype:
         images = images.to(dtype)
-    n, _, height, width = images.shape
-    out_h, out_w = (height, width) if output_size is None else (int(output_size[0]), int(output_size[1]))
+    n = images.shape[0]
     budget = _pixel_budget(images.device)
     if mode == "slide":
         crop_hw, stride_hw = _pair(crop_size, "crop_size"), _pair(stride, "stride")
         per_batch = batch_crops or max(1, budget // (crop_hw[0] * crop_hw[1]))
-
-    total = None  # made at the first scale's scores, in their memory layout
     scratch: Scratch = {}
-
-    def add(scores: torch.Tensor, owned: bool = False) -> None:
-        """``total += resize(scores)``; ``owned``: scores is a buffer of ours, which may become ``total``."""
-        nonlocal total
-        if total is not None:
-            _add_resized(total, scores, align_corners, scratch)
-            return
-        if scores.shape[1] != num_classes:
-            raise ValueError(f"the model gives {scores.shape[1]} class scores, the card says {num_classes}")
-        # the first term is resized straight into ``total`` (0 + x is x): no zero-filled buffer, no temporary
-        if tuple(scores.shape[2:]) == (out_h, out_w):
-            total = scores if owned else scores.clone()
-        else:
-            total = _resize(scores, (out_h, out_w), align_corners)
-
     for s in scales:
         # scale 1 is the identity for bilinear interpolation: skip the copy
         x = images if float(s) == 1.0 else F.interpolate(images, scale_factor=s, mode="bilinear",
@@ -260,14 +234,74 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
             # the flipped image joins its twin's batch if batch_crops allows two images each, or if the
             # memory budget does
             twin = 2 * n <= batch_crops if batch_crops else 2 * n * x.shape[2] * x.shape[3] <= budget
-            add(_whole(model, x, flip=flip, swap=swap, softmax=softmax, batch_twin=twin))
+            scores, owned = _whole(model, x, flip=flip, swap=swap, softmax=softmax, batch_twin=twin), False
         else:
-            add(_slide(model, x, crop_size=crop_hw, stride=stride_hw, flip=flip, swap=swap, softmax=softmax,
-                       align_corners=align_corners, per_batch=per_batch, scratch=scratch), owned=True)
-    terms = len(scales) * (2 if flip else 1)
+            scores, owned = _slide(model, x, crop_size=crop_hw, stride=stride_hw, flip=flip, swap=swap,
+                                   softmax=softmax, align_corners=align_corners, per_batch=per_batch,
+                                   scratch=scratch), True
+        if scores.shape[1] != num_classes:
+            raise ValueError(f"the model gives {scores.shape[1]} class scores, the card says {num_classes}")
+        yield scores, owned
+
+
+def _output_size(images: torch.Tensor, output_size) -> tuple[int, int]:
+    return tuple(images.shape[2:]) if output_size is None else (int(output_size[0]), int(output_size[1]))
+
+
+@torch.inference_mode()
+def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_corners: bool,
+                 output_size: Sequence[int] | None = None, **settings) -> torch.Tensor:
+    """Scores N x C x H x W for normalised ``images`` N x 3 x h x w, averaged over ``scales`` and (with
+    ``flip``) horizontal flips as the toolbox averages them. ``H x W`` is ``output_size`` (default: the input
+    size); every scale's scores are resized straight to it, as the toolbox resizes to the original image.
+
+    ``mode``: "whole" or "slide" (``crop_size``/``stride`` as (h, w)). ``flip_pairs``: classes that swap under
+    a horizontal flip (e.g. left/right arm). ``softmax_before_resize``: average probabilities (softmax at the
+    model's resolution, or per crop) instead of logits. ``batch_crops``: images per forward pass (default:
+    from a memory budget). Each setting (``mode``, ``crop_size``, ``stride``, ``scales`` (1.0,), ``flip``
+    False, ``flip_pairs``, ``softmax_before_resize`` False, ``batch_crops``) may be left out or None for its
+    default.
+    """
+    size = _output_size(images, output_size)
+    scratch: Scratch = {}
+    total, terms = None, 0  # total: made from the first scale's scores, in their memory layout
+    for scores, owned in _scale_scores(model, images, num_classes=num_classes, align_corners=align_corners,
+                                       **settings):
+        terms += 2 if settings.get("flip") else 1
+        if total is not None:
+            _add_resized(total, scores, align_corners, scratch)
+        elif tuple(scores.shape[2:]) == size:  # the first term is resized straight into ``total`` (0 + x
+            total = scores if owned else scores.clone()  # is x): no zero-filled buffer, no temporary
+        else:
+            total = _resize(scores, size, align_corners)
     if terms > 1:  # dividing by 1 is the identity: no pass over the full-size scores
         total /= terms
     return total
+
+
+@torch.inference_mode()
+def infer_labels(model: Model, images: torch.Tensor, *, num_classes: int, align_corners: bool,
+                 output_size: Sequence[int] | None = None, **settings) -> torch.Tensor:
+    """N x H x W int32 labels, ``class_argmax(infer_logits(...))`` (same arguments), faster: with one scale
+    on the CPU the scores are not resized in full (``resize_argmax``: the argmax is proved from the two
+    source rows around an output pixel where both agree by a safe margin, and computed where they do not).
+    These are the labels of a float32 bilinear resize that differs from ATen's by about one rounding per
+    value, so the two label maps can differ only at exact near-ties of two classes."""
+    from .resize_argmax import applies, resized_argmax
+
+    scales = tuple(settings.get("scales") or (1.0,))
+    if len(scales) > 1:
+        return class_argmax(infer_logits(model, images, num_classes=num_classes, align_corners=align_corners,
+                                         output_size=output_size, **settings))
+    size = _output_size(images, output_size)
+    # one scale: its scores (a flipped pass summed in; halving would not move the argmax) resized once
+    ((scores, _),) = _scale_scores(model, images, num_classes=num_classes, align_corners=align_corners,
+                                   **settings)
+    if tuple(scores.shape[2:]) == size:
+        return class_argmax(scores)
+    if applies(scores, size):
+        return resized_argmax(scores, size, align_corners)
+    return class_argmax(_resize(scores, size, align_corners))
 
 
 def _model_device(model) -> torch.device:
@@ -308,8 +342,8 @@ def predict_labels(model: Model, image_rgb: ImageSource, *, resize: Mapping | No
     device = torch.device(device) if device is not None else _model_device(model)
     x = preprocess(image, resize, mean, std).to(device)
     with torch.inference_mode():
-        scores = infer_logits(model, x, output_size=image.shape[:2], **infer_kwargs)
         if not return_scores:
-            return class_argmax(scores)[0].cpu().numpy()
+            return infer_labels(model, x, output_size=image.shape[:2], **infer_kwargs)[0].cpu().numpy()
+        scores = infer_logits(model, x, output_size=image.shape[:2], **infer_kwargs)
         labels, confidence = labels_and_confidence(scores, bool(infer_kwargs.get("softmax_before_resize")))
     return labels[0].cpu().numpy(), confidence[0].cpu().numpy()
