@@ -446,6 +446,23 @@ def test_colorize_and_overlay_match_the_toolbox_picture():
     assert np.array_equal(colorize(inside, PALETTE), np.array(PALETTE, np.uint8)[inside])
 
 
+@pytest.mark.parametrize("case", ["uint8_ids", "past_palette", "negative", "big_palette", "wide_ids", "empty"])
+def test_colorize_lookups(case):
+    """Both lookups (OpenCV's for ids 0-255 with at most 256 colours, numpy's otherwise) give the palette's
+    colour for every id in it and black for every other."""
+    rng = np.random.default_rng(11)
+    palette = [tuple(int(v) for v in c) for c in rng.integers(0, 256, (300 if case == "big_palette" else 20, 3))]
+    shape = (0, 5) if case == "empty" else (37, 53)
+    high = {"uint8_ids": 20, "past_palette": 256, "negative": 20, "big_palette": 400, "wide_ids": 70000,
+            "empty": 20}[case]
+    labels = rng.integers(-5 if case == "negative" else 0, high, shape)
+    labels = labels.astype({"uint8_ids": np.uint8, "wide_ids": np.uint32}.get(case, np.int32))
+    table = np.array(palette, np.uint8)
+    inside = (labels >= 0) & (labels < len(palette))
+    expected = np.where(inside[..., None], table[np.clip(labels, 0, len(palette) - 1).astype(np.int64)], 0)
+    assert np.array_equal(colorize(labels, palette), expected)
+
+
 def test_legend_image():
     names = ["wall", "building", "sky"]
     full = legend(names, PALETTE)
