@@ -194,3 +194,33 @@ def test_helper_threads_yield_to_a_cpu_model(monkeypatch, below_model):
     monkeypatch.setattr(sys, "platform", "darwin")  # per-process there: never lowered
     with predict.helper_pool(1, "write", below_model=True) as pool:
         assert pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result() == mine
+
+
+def test_writes_waiting_are_bounded(tmp_path, monkeypatch):
+    """A disk slower than the model holds up ``submit`` once ``max_pending`` results wait; none is lost."""
+    import threading
+    from types import SimpleNamespace
+
+    from segtorch.cli import predict
+
+    gate, written = threading.Event(), []
+
+    def slow_write(array, path):
+        gate.wait(10)
+        written.append(path.name)
+
+    monkeypatch.setattr(predict, "write_png", slow_write)
+    seg = SimpleNamespace(device=torch.device("cpu"), card=SimpleNamespace(num_classes=6))
+    writer = predict._Writer(seg, tmp_path, ["labels"], workers=1, max_pending=3)
+    labels = np.zeros((2, 2), np.int32)
+    for i in range(3):  # the first is being written, two wait: no blocking yet
+        writer.submit(tmp_path / f"{i}.png", f"r{i}", None, labels, None)
+    fourth = threading.Thread(target=writer.submit, args=(tmp_path / "3.png", "r3", None, labels, None))
+    fourth.start()
+    fourth.join(0.5)
+    assert fourth.is_alive()  # waits for the oldest write
+    gate.set()
+    fourth.join(10)
+    assert not fourth.is_alive()
+    assert writer.done(lambda path, e: pytest.fail(f"{path}: {e}")) == 4
+    assert sorted(written) == [f"r{i}_labels.png" for i in range(4)]

@@ -13,11 +13,12 @@ forward pass. Files are written atomically.
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..argtypes import PRECISIONS
@@ -188,14 +189,18 @@ def helper_pool(workers: int, name: str, below_model: bool) -> ThreadPoolExecuto
 
 
 class _Writer:
-    """Renders and writes one image's results on worker threads; ``done()`` says how many were written."""
+    """Renders and writes one image's results on worker threads; ``done()`` says how many were written. At
+    most ``max_pending`` images wait to be written: past that, ``submit`` waits for the oldest, so a disk
+    slower than the model holds up the model instead of filling the memory with results."""
 
-    def __init__(self, seg, out: Path, outputs: list[str], workers: int):
-        self.seg, self.out, self.outputs = seg, out, outputs
+    def __init__(self, seg, out: Path, outputs: list[str], workers: int, max_pending: int):
+        self.seg, self.out, self.outputs, self.max_pending = seg, out, outputs, max(1, max_pending)
         self.pool = helper_pool(workers, "write", below_model=seg.device.type == "cpu")
         self.pending: list[tuple[Path, Future]] = []
 
     def submit(self, path: Path, name: str, image, labels, confidence) -> None:
+        if len(self.pending) >= self.max_pending:  # writes finish in about the order they were submitted
+            wait([self.pending[-self.max_pending][1]])  # (its error, if any, is reported by done())
         self.pending.append((path, self.pool.submit(self._write, name, image, labels, confidence)))
 
     def _write(self, name: str, image, labels, confidence) -> None:
@@ -246,6 +251,10 @@ def cmd_predict(args) -> int:
     t0 = time.perf_counter()
     seg = load(name, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
                compile=args.compile)
+    # start-up, not per image: the modules the pipeline uses (OpenCV, the PNG encoder's ISA-L: ~90 ms) are
+    # imported with the model, not by the first images' threads
+    for module in ("image", "png", "predictor", "render", "resize_argmax"):
+        importlib.import_module(f"segtorch.inference.{module}")
     reference = None
     if args.check_agreement and (args.precision != "fp32" or args.compile):
         reference = Segmenter(seg.model, seg.card, device=seg.device)  # same weights, fp32, not compiled
@@ -262,7 +271,8 @@ def cmd_predict(args) -> int:
         tqdm.write(f"segtorch: error: {message}", file=sys.stderr)
 
     want_scores = "scores" in outputs
-    writer = _Writer(seg, out, outputs, args.workers)
+    # results waiting to be written: 4 batches (~2 MB each at 640x480)
+    writer = _Writer(seg, out, outputs, args.workers, max_pending=4 * args.batch_size)
     readers = helper_pool(args.workers, "read", below_model=seg.device.type == "cpu")
     ahead = max(2, 2 * args.workers) + args.batch_size
     queue: deque = deque()
