@@ -1,19 +1,22 @@
 """`segtorch predict` over a folder against the model's own forward passes, side by side in one run.
 
     python benchmarks/predict_throughput.py [--images 48] [--size 640x480] [--threads 2] [--workers 2]
-                                            [--batch-size 4] [--outputs labels,color,overlay]
+                                            [--batch-size 4] [--outputs labels,color,overlay] [--repeat 3]
 
 Writes --images synthetic JPEGs (seeded shapes over noise), runs the command on the folder in a fresh process
 with the demo model (labels, colour map and overlay for each), and reads the time it reports beyond start-up
-and loading. Then, in this process, times the same model's forward passes over the same preprocessed images
-in the same batches. The ratio command / forwards is the overhead of reading, resizing scores back,
-rendering and writing that the workers did not hide (goal: at most 2).
+and loading (its first batch, with oneDNN's one-off kernel generation, included). Then, in this process,
+times the same model's forward passes over the same preprocessed images in the same batches (after one
+warm-up batch). Both are repeated --repeat times, interleaved, and the medians compared: on a shared 2-core
+machine single runs of either vary by 20%. The ratio command / forwards is the overhead of reading,
+resizing scores back, rendering and writing that the workers did not hide (goal: at most 2).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,19 +48,24 @@ def write_images(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
     return paths
 
 
-def forward_seconds(paths: list[Path], batch_size: int) -> float:
-    """The model's forward passes alone over the preprocessed images, batched as the command batches them."""
+def forward_timer(paths: list[Path], batch_size: int):
+    """A function timing the model's forward passes alone over the preprocessed images, batched as the
+    command batches them (model loaded and warmed up once)."""
     import segtorch
 
     seg = segtorch.load(MODEL)
     prepared = [seg.prepare(p)[1] for p in paths]
     batches = [torch.cat(prepared[i:i + batch_size]) for i in range(0, len(prepared), batch_size)]
     with torch.inference_mode():
-        seg._forward(batches[0])  # warm-up, as the command's first batch is
-        t0 = time.perf_counter()
-        for b in batches:
-            seg._forward(b)
-    return time.perf_counter() - t0
+        seg._forward(batches[0])  # warm-up
+
+    def seconds() -> float:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            for b in batches:
+                seg._forward(b)
+            return time.perf_counter() - t0
+    return seconds
 
 
 def main() -> None:
@@ -68,6 +76,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--outputs", default="labels,color,overlay")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each, interleaved; medians compared")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     w, h = map(int, args.size.lower().split("x"))
@@ -80,24 +89,30 @@ def main() -> None:
         cmd = [sys.executable, "-m", "segtorch",
                "predict", str(folder), "--model", MODEL, "--out", str(Path(tmp) / "out"),
                "--outputs", args.outputs, "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
-        t0 = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT),
-                                                                        "OMP_NUM_THREADS": str(args.threads)})
-        wall = time.perf_counter() - t0
-        if res.returncode:
-            sys.exit(f"the command failed:\n{res.stderr}")
-        match = re.search(r"(\d+) of (\d+) inputs segmented in ([\d.]+)s", res.stderr)
-        command = float(match.group(3))
-        forwards = forward_seconds(paths, args.batch_size)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+        forwards_once = forward_timer(paths, args.batch_size)
+        commands, walls, forwards = [], [], []
+        for _ in range(max(1, args.repeat)):
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            walls.append(time.perf_counter() - t0)
+            if res.returncode:
+                sys.exit(f"the command failed:\n{res.stderr}")
+            match = re.search(r"(\d+) of (\d+) inputs segmented in ([\d.]+)s", res.stderr)
+            commands.append(float(match.group(3)))
+            forwards.append(forwards_once())
     from segtorch.inference.precision import describe_cpu
 
     print(f"CPU: {describe_cpu()}")
     print(f"{args.images} images {w}x{h}, {MODEL}, outputs {args.outputs}, {args.threads} threads, "
           f"{args.workers} workers, batch {args.batch_size}")
-    print(f"  command beyond start-up: {command:.2f} s ({args.images / command:.1f} images/s; whole process "
-          f"{wall:.1f} s)")
-    print(f"  model forward passes:    {forwards:.2f} s")
-    print(f"  ratio command / forwards: {command / forwards:.2f} (goal: at most 2)")
+    command, forward, wall = (statistics.median(v) for v in (commands, forwards, walls))
+    ratios = sorted(c / f for c, f in zip(commands, forwards))
+    print(f"  command beyond start-up: {command:.2f} s median of {len(commands)} ({args.images / command:.1f} "
+          f"images/s; runs {', '.join(f'{c:.2f}' for c in commands)}; whole process {wall:.1f} s)")
+    print(f"  model forward passes:    {forward:.2f} s median (runs {', '.join(f'{f:.2f}' for f in forwards)})")
+    print(f"  ratio command / forwards: {command / forward:.2f} (goal: at most 2; per run "
+          f"{ratios[0]:.2f}-{ratios[-1]:.2f})")
 
 
 if __name__ == "__main__":

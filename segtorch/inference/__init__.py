@@ -10,7 +10,8 @@ _LAZY = {
     "fold_batchnorm": "fuse",
     "ImageReadError": "image", "preprocess": "image", "read_image": "image", "resized_size": "image",
     "autocast_context": "precision", "check_precision": "precision", "cpu_supports_bf16": "precision",
-    "infer_logits": "predictor", "predict_labels": "predictor", "slide_windows": "predictor",
+    "infer_labels": "predictor", "infer_logits": "predictor", "predict_labels": "predictor",
+    "slide_windows": "predictor",
     "colorize": "render", "legend": "render", "overlay": "render",
 }
 __all__ = sorted(_LAZY)
