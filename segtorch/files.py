@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterator
 
@@ -25,10 +25,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_file_beside(dst: Path) -> Path:
+    """A new empty file ``.<name>.<random>.tmp`` in ``dst``'s folder, created with mode 0o666 so that the
+    kernel takes the umask off, as ``open(dst, "w")`` would (reading the umask means setting it, process-wide,
+    which races with other threads' file and folder creation)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:  # another writer's temporary: draw again
+            continue
+    raise FileExistsError(f"{dst.parent}: no free temporary name for {dst.name} after 100 tries")
 
 
 @contextlib.contextmanager
@@ -42,9 +51,7 @@ def atomic_path(dst: str | os.PathLike, durable: bool = False) -> Iterator[Path]
     if dst.is_dir():
         raise IsADirectoryError(f"{dst} is a directory; give a file path")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _new_file_beside(dst)
     try:
         yield tmp
         if durable:
@@ -53,7 +60,6 @@ def atomic_path(dst: str | os.PathLike, durable: bool = False) -> Iterator[Path]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)

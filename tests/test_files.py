@@ -30,6 +30,18 @@ def test_atomic_files_get_ordinary_permissions(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o640  # 0o666 less the umask, not mkstemp's 0o600
 
 
+def test_atomic_write_leaves_the_umask_alone(tmp_path, monkeypatch):
+    """The umask is per process: reading it by setting it to 0 and back would give a file or folder made by
+    another thread in between (``segtorch predict`` writes from two) 0o666/0o777 permissions."""
+    def umask(mask):
+        raise AssertionError("os.umask called")
+
+    monkeypatch.setattr(os, "umask", umask)
+    with files.atomic_path(tmp_path / "a.bin", durable=True) as tmp:
+        tmp.write_bytes(b"x")
+    assert files.atomic_write(tmp_path / "b.txt", "y").read_text() == "y"
+
+
 @pytest.mark.parametrize("durable", [False, True])
 def test_durable_flushes_before_the_rename(tmp_path, monkeypatch, durable):
     dst = tmp_path / "ckpt.pth"
