@@ -33,10 +33,10 @@ def colorize(labels: np.ndarray, palette: Palette) -> np.ndarray:
     if labels.dtype.kind not in "iu":
         labels = labels.astype(np.int64)
     low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
-    if labels.size and low >= 0 and high < 256 and len(table) <= 257:
+    if labels.size and low >= 0 and high < 256 and black <= 256:  # black: also the palette's length
         # OpenCV's 256-entry lookup on uint8 ids, ids past the palette black: 2.4x faster than np.take
         lut = np.zeros((256, 1, 3), np.uint8)
-        lut[:len(table) - 1, 0] = table[:-1]
+        lut[:black, 0] = table[:black]
         return cv2.LUT(cv2.cvtColor(labels.astype(np.uint8), cv2.COLOR_GRAY2RGB), lut)
     if labels.size and not (low >= 0 and high < black):  # only then the clamp's full pass
         labels = np.where((labels >= 0) & (labels < black), labels, black)
