@@ -25,19 +25,37 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _new_file_beside(dst: Path) -> Path:
-    """A new empty file ``.<name>.<random>.tmp`` in ``dst``'s folder, created with mode 0o666 so that the
-    kernel takes the umask off, as ``open(dst, "w")`` would (reading the umask means setting it, process-wide,
-    which races with other threads' file and folder creation)."""
+def _new_file_beside(dst: Path) -> tuple[int, Path]:
+    """(open descriptor, path) of a new empty file ``.<name>.<random>.tmp`` in ``dst``'s folder, created with
+    mode 0o666 so that the kernel takes the umask off, as ``open(dst, "w")`` would (reading the umask means
+    setting it, process-wide, which races with other threads' file and folder creation)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     for _ in range(100):
         tmp = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.tmp"
         try:
-            os.close(os.open(tmp, flags, 0o666))
-            return tmp
+            return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:  # another writer's temporary: draw again
             continue
     raise FileExistsError(f"{dst.parent}: no free temporary name for {dst.name} after 100 tries")
+
+
+def _checked_destination(dst: str | os.PathLike) -> Path:
+    dst = Path(dst)
+    if dst.is_dir():
+        raise IsADirectoryError(f"{dst} is a directory; give a file path")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return dst
+
+
+@contextlib.contextmanager
+def _renamed_onto(tmp: Path, dst: Path) -> Iterator[None]:
+    """When the block ends without error ``tmp`` is renamed onto ``dst``, else removed."""
+    try:
+        yield
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -47,12 +65,10 @@ def atomic_path(dst: str | os.PathLike, durable: bool = False) -> Iterator[Path]
     ordinary permissions (0o666 less the umask), as ``open(dst, "w")`` would give it. ``durable``: its data
     is flushed to the disk before the rename, so that a power cut cannot leave an empty file under ``dst``
     (training checkpoints; not worth a disk flush per file for many small outputs)."""
-    dst = Path(dst)
-    if dst.is_dir():
-        raise IsADirectoryError(f"{dst} is a directory; give a file path")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_file_beside(dst)
-    try:
+    dst = _checked_destination(dst)
+    fd, tmp = _new_file_beside(dst)
+    os.close(fd)  # the caller writes by path (torch.save, safetensors)
+    with _renamed_onto(tmp, dst):
         yield tmp
         if durable:
             fd = os.open(tmp, os.O_RDWR)
@@ -60,17 +76,15 @@ def atomic_path(dst: str | os.PathLike, durable: bool = False) -> Iterator[Path]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def atomic_write(dst: str | os.PathLike, data: bytes | str, encoding: str = "utf-8") -> Path:
-    """Write ``data`` to ``dst`` atomically (see ``atomic_path``)."""
-    with atomic_path(dst) as tmp:
-        if isinstance(data, str):
-            tmp.write_text(data, encoding=encoding)
-        else:
-            tmp.write_bytes(data)
-    return Path(dst)
+    """Write ``data`` to ``dst`` atomically (see ``atomic_path``), through the temporary's own descriptor:
+    opening it again by name costs ``segtorch predict`` ~0.1 ms per file, more with two writer threads."""
+    dst = _checked_destination(dst)
+    fd, tmp = _new_file_beside(dst)
+    with _renamed_onto(tmp, dst):
+        text = isinstance(data, str)
+        with open(fd, "w" if text else "wb", encoding=encoding if text else None) as f:
+            f.write(data)
+    return dst

@@ -21,6 +21,16 @@ def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
     assert dst.read_bytes() == b"new"
 
 
+def test_failed_atomic_write_keeps_the_old_file(tmp_path):
+    dst = tmp_path / "out.txt"
+    dst.write_text("old")
+    with pytest.raises(UnicodeEncodeError):
+        files.atomic_write(dst, "caf\u00e9", encoding="ascii")  # fails while writing
+    assert dst.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    assert files.atomic_write(dst, "line\n").read_bytes() == b"line" + os.linesep.encode()  # text mode
+
+
 def test_atomic_files_get_ordinary_permissions(tmp_path):
     old = os.umask(0o027)
     try:
