@@ -446,6 +446,18 @@ def test_colorize_and_overlay_match_the_toolbox_picture():
     assert np.array_equal(colorize(inside, PALETTE), np.array(PALETTE, np.uint8)[inside])
 
 
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_blend_is_the_float_formula_for_every_byte_pair(alpha):
+    from segtorch.inference.render import blend
+
+    a, b = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8))
+    image, mask = np.stack([a, b, a], axis=-1), np.stack([b, a, b], axis=-1)
+    expected = (image * (1.0 - alpha) + mask * alpha).astype(np.uint8)  # the toolbox's picture, truncated
+    out = blend(image, mask, alpha)
+    assert out.dtype == np.uint8 and np.array_equal(out, expected)
+    assert np.array_equal(image[..., 0], a)  # the inputs are left as they were
+
+
 @pytest.mark.parametrize("case", ["uint8_ids", "past_palette", "negative", "big_palette", "wide_ids", "empty"])
 def test_colorize_lookups(case):
     """Both lookups (OpenCV's for ids 0-255 with at most 256 colours, numpy's otherwise) give the palette's

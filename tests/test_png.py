@@ -1,6 +1,7 @@
 """segtorch's PNG encoder (`inference/png.py`): what libpng (OpenCV) and Pillow read back is the array written,
 with either deflate backend; bad arrays are refused."""
 import io
+import zlib
 
 import cv2
 import numpy as np
@@ -13,10 +14,12 @@ from segtorch.inference import png
 @pytest.fixture(params=["isal", "zlib"])
 def deflate(request, monkeypatch):
     if request.param == "isal":
-        pytest.importorskip("isal")
+        isal_zlib = pytest.importorskip("isal.isal_zlib")
         monkeypatch.setattr(png, "_deflate", png._deflate_isal)
+        monkeypatch.setattr(png, "_crc32", isal_zlib.crc32)
     else:
         monkeypatch.setattr(png, "_deflate", png._deflate_zlib)
+        monkeypatch.setattr(png, "_crc32", zlib.crc32)
     return request.param
 
 

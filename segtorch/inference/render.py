@@ -60,8 +60,12 @@ def overlay(image_rgb: np.ndarray, labels: np.ndarray, palette: Palette, alpha: 
 def blend(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """``image * (1 - alpha) + mask * alpha`` truncated to uint8, for two H x W x 3 uint8 arrays (``overlay``
     with its colour mask already made)."""
-    if alpha == 0.5:  # (a + b) / 2 truncated, exactly what the float formula gives, in integers (5x faster)
-        return ((image.astype(np.uint16) + mask) >> 1).astype(np.uint8)
+    if alpha == 0.5:  # (a + b) / 2 truncated, exactly what the float formula gives: the bits both have plus
+        # half of those only one has, in uint8 without widening (640x480: 0.1 ms; through uint16 0.5-1.5 ms)
+        half = np.bitwise_xor(image, mask)
+        np.right_shift(half, 1, out=half)
+        half += image & mask
+        return half
     blended = image.astype(np.float64) * (1.0 - alpha) + mask.astype(np.float64) * alpha
     return blended.astype(np.uint8)
 
