@@ -211,7 +211,7 @@ def test_writes_waiting_are_bounded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(predict, "write_png", slow_write)
     seg = SimpleNamespace(device=torch.device("cpu"), card=SimpleNamespace(num_classes=6))
-    writer = predict._Writer(seg, tmp_path, ["labels"], workers=1, max_pending=3)
+    writer = predict._Writer(seg, tmp_path, ["labels"], workers=1, max_pending=3, below_model=False)
     labels = np.zeros((2, 2), np.int32)
     for i in range(3):  # the first is being written, two wait: no blocking yet
         writer.submit(tmp_path / f"{i}.png", f"r{i}", None, labels, None)
@@ -224,3 +224,94 @@ def test_writes_waiting_are_bounded(tmp_path, monkeypatch):
     assert not fourth.is_alive()
     assert writer.done(lambda path, e: pytest.fail(f"{path}: {e}")) == 4
     assert sorted(written) == [f"r{i}_labels.png" for i in range(4)]
+
+
+@pytest.mark.parametrize("model_takes_every_core", [True, False])
+def test_helpers_wait_while_a_cpu_model_takes_every_core(tmp_path, monkeypatch, capsys, model_takes_every_core):
+    """Where the model's threads take every core, no image is read or written during a forward pass (a helper
+    that preempts an OpenMP thread stalls them all); otherwise the helpers run beside it, below its priority."""
+    import threading
+    import time
+
+    from segtorch.cli import predict
+    from segtorch.segmenter import Segmenter
+
+    busy, overlapped, lock = [0], [], threading.Lock()
+
+    def slowed(fn):  # a helper's task, long enough that one still running at a forward pass is seen
+        def task(*a, **k):
+            with lock:
+                busy[0] += 1
+            try:
+                time.sleep(0.05)
+                return fn(*a, **k)
+            finally:
+                with lock:
+                    busy[0] -= 1
+        return task
+
+    def checked(fn):
+        def forward_passes(*a, **k):
+            overlapped.append(busy[0])
+            return fn(*a, **k)
+        return forward_passes
+
+    monkeypatch.setattr(Segmenter, "prepare", slowed(Segmenter.prepare))
+    monkeypatch.setattr(predict, "write_png", slowed(predict.write_png))
+    monkeypatch.setattr(Segmenter, "predict_prepared", checked(Segmenter.predict_prepared))
+    monkeypatch.setattr(predict, "model_takes_every_core", lambda device: model_takes_every_core)
+    lowered = []
+    real_pool = predict.helper_pool
+    monkeypatch.setattr(predict, "helper_pool", lambda workers, name, below_model: (
+        lowered.append(below_model), real_pool(workers, name, below_model))[1])
+    for i in range(6):
+        _image(tmp_path / "in" / f"{i}.png", seed=i)
+    assert main(tmp_path / "in", "--model", DEMO, "--out", tmp_path / "out", "--batch-size", "2") == 0
+    assert "6 of 6 inputs segmented" in capsys.readouterr().err
+    assert len(overlapped) == 3
+    if model_takes_every_core:
+        assert overlapped == [0, 0, 0] and lowered == [False, False]
+    else:  # reads queued ahead and the writes behind are still running at the later passes
+        assert max(overlapped[1:]) > 0 and lowered == [True, True]
+
+
+def test_model_takes_every_core(monkeypatch):
+    import os
+
+    from segtorch.cli import predict
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    for threads, expected in ((cores, True), (cores + 1, True), (max(1, cores - 1), cores == 1)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        assert predict.model_takes_every_core("cpu") is expected, threads
+    assert predict.model_takes_every_core("cuda:0") is False  # the GPU computes: helpers run beside it
+
+
+def test_a_fresh_predict_process_is_tuned_and_one_that_uses_torch_is_not():
+    """``segtorch predict`` in a process of its own sets libgomp's spin count and glibc's reuse of freed
+    blocks before torch loads; never over the user's own settings, never in a program that already uses
+    torch."""
+    code = """
+import os, sys
+from segtorch.cli import process_tuning as tuning, main
+calls = []
+real = tuning.keep_freed_memory
+tuning.keep_freed_memory = lambda: calls.append(real()) or calls[-1]
+if sys.argv[1] == "torch-loaded":
+    import torch
+main(["predict", "/no/such/image.jpg"])
+print(os.environ.get("GOMP_SPINCOUNT"), calls)
+"""
+    def fresh(mode, **env):
+        base = {k: v for k, v in __import__("os").environ.items()
+                if not k.startswith(("MALLOC_", "GOMP_", "OMP_WAIT")) and k != "GLIBC_TUNABLES"}
+        out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                             env={**base, **env})
+        assert "no such file or folder" in out.stderr, out.stderr
+        return out.stdout.strip()
+
+    glibc = sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver())
+    assert fresh("fresh") == f"20000 [{glibc}]"
+    assert fresh("fresh", GOMP_SPINCOUNT="5", MALLOC_ARENA_MAX="2") == "5 [False]"  # the user's settings
+    assert fresh("fresh", OMP_WAIT_POLICY="passive") == f"None [{glibc}]"
+    assert fresh("torch-loaded") == "None [False]"

@@ -7,8 +7,9 @@ picks which. ``<name>`` is the file's stem, made unique where two inputs share i
 for files of one folder, input folders mirrored under ``--out`` otherwise). Every input is checked before a
 model is loaded; a missing, unreadable or non-image file gets a one-line error, the others are still
 processed, and the exit status is 1 if any failed. Worker threads read and preprocess ahead of the model and
-write results behind it (below the model's priority when it runs on the CPU); equal-sized images share a
-forward pass. Files are written atomically.
+write results behind it: between its forward passes when the model's threads take every core (a CPU device,
+by default), beside them otherwise (at a lower priority for a CPU model); equal-sized images share a forward
+pass. Files are written atomically. A process of its own is tuned first (``process_tuning``).
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def add_parser(subparsers):
     s.add_argument("--legend", action="store_true", help="also write a legend of the classes present")
     s.add_argument("--batch-size", type=int, default=4, help="equal-sized images per forward pass (default 4)")
     s.add_argument("--workers", type=int, default=2,
-                   help="threads reading ahead and writing behind, below the model's priority on a CPU device, on "
-                        "Linux (default 2)")
+                   help="threads reading ahead and writing behind (default 2); where the model's threads take "
+                        "every core, they run between its forward passes")
     s.set_defaults(func=cmd_predict)
     return s
 
@@ -165,11 +166,12 @@ def _check_options(args) -> Path:
     return out
 
 
-# How much lower the reading and writing threads run than the model's, for a model on the CPU. They share the
-# cores with its OpenMP threads: a decode or encode that preempts one of those stalls all of them at the next
-# barrier. 48 JPEGs on 2 Zen 5 cores (benchmarks/predict_throughput.py's folder, 6 interleaved runs each): 1.54 s
-# median at the same priority, 1.24 s at +10, 1.22 s at +19; +10 leaves them a fair share when other programs
-# compete for the cores. Since encoding got cheaper (inference/png.py, 2026-11-24), +0 to +19 measure within noise.
+# How much lower the reading and writing threads run than the model's when they run beside a CPU model that
+# leaves some cores free (``model_takes_every_core`` false): a decode or encode that preempts one of its OpenMP
+# threads stalls all of them at the next barrier. 48 JPEGs on 2 Zen 5 cores, helpers beside the model
+# (benchmarks/predict_throughput.py's folder, 6 interleaved runs each): 1.54 s median at the same priority, 1.24 s
+# at +10, 1.22 s at +19; +10 leaves them a fair share when other programs compete for the cores. Between forward
+# passes the model waits for them: they keep the ordinary priority (10 runs each: 0.715 s at +0, 0.755 s at +10).
 HELPER_NICENESS = 10
 
 
@@ -188,15 +190,33 @@ def helper_pool(workers: int, name: str, below_model: bool) -> ThreadPoolExecuto
                               initializer=_lower_this_thread if lower else None)
 
 
+def model_takes_every_core(device) -> bool:
+    """Whether the model's forward passes keep every core this process may use busy: on the CPU with as many
+    threads as cores. Helpers then read and write between forward passes, not during them: one that preempts
+    an OpenMP thread stalls the others at the next barrier (2 Zen 5 cores, 48 JPEGs, 8 interleaved runs each:
+    0.71 s against 0.75 s beside them at +10)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return torch.device(device).type == "cpu" and torch.get_num_threads() >= cores
+
+
 class _Writer:
     """Renders and writes one image's results on worker threads; ``done()`` says how many were written. At
     most ``max_pending`` images wait to be written: past that, ``submit`` waits for the oldest, so a disk
     slower than the model holds up the model instead of filling the memory with results."""
 
-    def __init__(self, seg, out: Path, outputs: list[str], workers: int, max_pending: int):
+    def __init__(self, seg, out: Path, outputs: list[str], workers: int, max_pending: int, below_model: bool):
         self.seg, self.out, self.outputs, self.max_pending = seg, out, outputs, max(1, max_pending)
-        self.pool = helper_pool(workers, "write", below_model=seg.device.type == "cpu")
+        self.pool = helper_pool(workers, "write", below_model=below_model)
         self.pending: list[tuple[Path, Future]] = []
+        self._unfinished = 0  # pending[:_unfinished] have finished
+
+    def drain(self) -> None:
+        """Wait until every write submitted so far has finished (errors are reported by ``done()``)."""
+        while self._unfinished < len(self.pending):
+            self.pending[self._unfinished][1].exception()
+            self._unfinished += 1
 
     def submit(self, path: Path, name: str, image, labels, confidence) -> None:
         if len(self.pending) >= self.max_pending:  # writes finish in about the order they were submitted
@@ -234,6 +254,10 @@ class _Writer:
 
 
 def cmd_predict(args) -> int:
+    from .process_tuning import keep_freed_memory, short_openmp_spin
+
+    short_openmp_spin()  # before torch loads libgomp (the option checks import torch)
+    keep_freed_memory()
     from tqdm import tqdm
 
     from .. import load
@@ -272,8 +296,11 @@ def cmd_predict(args) -> int:
 
     want_scores = "scores" in outputs
     # results waiting to be written: 4 batches (~2 MB each at 640x480)
-    writer = _Writer(seg, out, outputs, args.workers, max_pending=4 * args.batch_size)
-    readers = helper_pool(args.workers, "read", below_model=seg.device.type == "cpu")
+    between_forwards = model_takes_every_core(seg.device)
+    # helpers that run beside a CPU model yield to it; between its forward passes the model waits for them
+    below_model = seg.device.type == "cpu" and not between_forwards
+    writer = _Writer(seg, out, outputs, args.workers, max_pending=4 * args.batch_size, below_model=below_model)
+    readers = helper_pool(args.workers, "read", below_model=below_model)
     ahead = max(2, 2 * args.workers) + args.batch_size
     queue: deque = deque()
     items = iter(zip(files, names))
@@ -286,6 +313,9 @@ def cmd_predict(args) -> int:
         import torch
 
         size = batch[0][2].shape[:2]
+        if between_forwards:  # the reads queued so far and the writes so far, then the model alone
+            wait([future for _, future in queue])
+            writer.drain()
         results = seg.predict_prepared(torch.cat([b[3] for b in batch]), size, tta=args.tta, mode=args.mode,
                                        return_scores=want_scores)
         for (path, out_name, image, _), result in zip(batch, results):
