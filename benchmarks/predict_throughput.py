@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from segtorch.cli.process_tuning import keep_freed_memory, short_openmp_spin
+from segtorch.cli.process_tuning import tune_own_process
 
 # the forwards are timed under the settings the command gives a process of its own (set before torch loads)
-SPIN_SET, HEAP_KEPT = short_openmp_spin(), keep_freed_memory()
+SPIN_SET, HEAP_KEPT = tune_own_process()
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -287,10 +287,11 @@ def test_model_takes_every_core(monkeypatch):
     assert predict.model_takes_every_core("cuda:0") is False  # the GPU computes: helpers run beside it
 
 
-def test_a_fresh_predict_process_is_tuned_and_one_that_uses_torch_is_not():
-    """``segtorch predict`` in a process of its own sets libgomp's spin count and glibc's reuse of freed
-    blocks before torch loads; never over the user's own settings, never in a program that already uses
-    torch."""
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_a_fresh_command_process_is_tuned_and_one_that_uses_torch_is_not(command):
+    """``segtorch predict``/``eval`` in a process of their own set libgomp's spin count and glibc's reuse of
+    freed blocks before torch loads; never over the user's own settings, never in a program that already
+    uses torch."""
     code = """
 import os, sys
 from segtorch.cli import process_tuning as tuning, main
@@ -299,15 +300,15 @@ real = tuning.keep_freed_memory
 tuning.keep_freed_memory = lambda: calls.append(real()) or calls[-1]
 if sys.argv[1] == "torch-loaded":
     import torch
-main(["predict", "/no/such/image.jpg"])
+main(["predict", "/no/such/image.jpg"] if sys.argv[2] == "predict" else ["eval", "no_such_model"])
 print(os.environ.get("GOMP_SPINCOUNT"), calls)
 """
     def fresh(mode, **env):
         base = {k: v for k, v in __import__("os").environ.items()
                 if not k.startswith(("MALLOC_", "GOMP_", "OMP_WAIT")) and k != "GLIBC_TUNABLES"}
-        out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", code, mode, command], capture_output=True, text=True,
                              env={**base, **env})
-        assert "no such file or folder" in out.stderr, out.stderr
+        assert ("no such file or folder" if command == "predict" else "no_such_model") in out.stderr, out.stderr
         return out.stdout.strip()
 
     glibc = sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver())

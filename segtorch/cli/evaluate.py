@@ -65,6 +65,9 @@ def select_models(patterns: list[str], everything: bool) -> list[str]:
 
 
 def run(args: argparse.Namespace, out=None, err=None) -> int:
+    from .process_tuning import tune_own_process
+
+    tune_own_process()  # before anything loads torch
     import segtorch
 
     from ..data import DatasetError, dataset_class

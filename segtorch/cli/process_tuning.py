@@ -1,11 +1,12 @@
-"""Settings of a fresh ``segtorch predict`` process that keep its reading and writing threads off the model's
-cores and out of the kernel's page-fault path. They change the process, not results, and apply only where
-the command owns the process: torch not yet imported (``segtorch predict ...``, not ``cli.main`` called from
-a Python program that already uses torch), and never over what the user set.
+"""Settings of a fresh ``segtorch predict``/``segtorch eval`` process that keep its reading and writing
+threads off the model's cores and its buffers out of the kernel's page-fault path. They change the process,
+not results, and apply only where the command owns the process: torch not yet imported (``segtorch predict
+...``, not ``cli.main`` called from a Python program that already uses torch), and never over what the user
+set.
 
-Measured on 2 Zen 5 cores with ``benchmarks/predict_throughput.py``'s 48 JPEGs, 10 interleaved runs each
-(2026-11-24): medians 0.675 s with neither, 0.645 s with the short spin, 0.570 s with both; the model's
-forward passes alone are the same either way (0.25-0.28 s).
+Measured on 2 Zen 5 cores (2026-11-24), 10 interleaved runs each: ``benchmarks/predict_throughput.py``'s 48
+JPEGs, medians 0.705 s with neither, 0.63 s with the short spin, 0.59 s with both; ``segtorch eval
+demo_pspnet_shapes`` (50 images, 6 runs each), 0.80 s against 0.685 s.
 """
 from __future__ import annotations
 
@@ -56,3 +57,8 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def tune_own_process() -> tuple[bool, bool]:
+    """Both settings, where this process is the command's own: (spin count set, freed blocks kept)."""
+    return short_openmp_spin(), keep_freed_memory()
