@@ -254,10 +254,9 @@ class _Writer:
 
 
 def cmd_predict(args) -> int:
-    from .process_tuning import keep_freed_memory, short_openmp_spin
+    from .process_tuning import tune_own_process
 
-    short_openmp_spin()  # before torch loads libgomp (the option checks import torch)
-    keep_freed_memory()
+    tune_own_process()  # before torch loads libgomp (the option checks import torch)
     from tqdm import tqdm
 
     from .. import load
