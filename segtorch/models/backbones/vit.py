@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ActLayer, NormLayer
+from ..layers import ActLayer, NormLayer, exporting_to_onnx
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -69,7 +69,7 @@ class PatchEmbed(nn.Module):
         h, w = x.shape[-2:]
         pad_h = -h % self.patch_size[0]
         pad_w = -w % self.patch_size[1]
-        if pad_h or pad_w or torch.onnx.is_in_onnx_export():  # an exported graph pads by what each size needs
+        if pad_h or pad_w or exporting_to_onnx():  # an exported graph pads by what each size needs
             if self.padding == "corner":
                 x = F.pad(x, (0, pad_w, 0, pad_h))
             else:
@@ -199,7 +199,7 @@ class VisionTransformer(nn.Module):
         """Position embeddings for ``num_tokens`` tokens (class token + ``grid``)."""
         pos_embed = self.pos_embed
         # an exported graph always resizes (the identity at the learnt size): the test would freeze the traced size
-        if not torch.onnx.is_in_onnx_export() and num_tokens == pos_embed.shape[1]:
+        if not exporting_to_onnx() and num_tokens == pos_embed.shape[1]:
             return pos_embed
         gh, gw = self.pos_grid
         cls_pos = pos_embed[:, :1]

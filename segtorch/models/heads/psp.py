@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ActLayer, ConvNormAct, NormLayer, classifier
+from ..layers import ActLayer, ConvNormAct, NormLayer, classifier, exporting_to_onnx
 from ..segmentor import SegmentationModel
 
 
@@ -36,7 +36,7 @@ class AdaptiveAvgPool(nn.Module):
         self.bins = int(bins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.onnx.is_in_onnx_export():
+        if not exporting_to_onnx():
             return F.adaptive_avg_pool2d(x, self.bins)
         return size_dependent_avg_pool(x, self.bins)
 
