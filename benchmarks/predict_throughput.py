@@ -5,12 +5,13 @@
 
 Writes --images synthetic JPEGs (seeded shapes over noise), runs the command on the folder in a fresh process
 with the demo model (labels, colour map and overlay for each), and reads the time it reports beyond start-up
-and loading (its first batch, with oneDNN's one-off kernel generation, included). Then, in this process,
-times the same model's forward passes over the same preprocessed images in the same batches (after one
-warm-up batch), under the same process settings the command makes for itself (``segtorch/cli/
-process_tuning.py``: libgomp's spin count, glibc keeping freed blocks). Both are repeated --repeat times,
-interleaved, and the medians compared: on a shared 2-core machine single runs of either vary by 20%. The ratio command / forwards is the overhead of reading,
-resizing scores back, rendering and writing that the workers did not hide (goal: at most 2).
+and loading (its first batch, with oneDNN's one-off kernel generation, included). Then, in this process, times
+the same model's forward passes over the same preprocessed images in the same batches (after one warm-up
+batch), under the same process settings the command makes for itself (``segtorch/cli/process_tuning.py``:
+libgomp's and OpenBLAS's spins, glibc keeping freed blocks). Both are repeated --repeat times, interleaved,
+and the medians compared: on a shared 2-core machine single runs of either vary by 20%. The ratio command /
+forwards is the overhead of reading, resizing scores back, rendering and writing that the workers did not hide
+(goal: at most 2).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from PIL import Image, ImageDraw
 from segtorch.cli.process_tuning import tune_own_process
 
 # the forwards are timed under the settings the command gives a process of its own (set before torch loads)
-SPIN_SET, HEAP_KEPT = tune_own_process()
+SPIN_SET, BLAS_SPIN_SET, HEAP_KEPT = tune_own_process()
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +114,9 @@ def main() -> None:
     print(f"{args.images} images {w}x{h}, {MODEL}, outputs {args.outputs}, {args.threads} threads, "
           f"{args.workers} workers, batch {args.batch_size}")
     print(f"process settings, both sides: GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}"
-          f"{'' if SPIN_SET else ' (yours)'}, freed blocks kept in the heap: {'yes' if HEAP_KEPT else 'no'}")
+          f"{'' if SPIN_SET else ' (yours)'}, OPENBLAS_THREAD_TIMEOUT="
+          f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset')}{'' if BLAS_SPIN_SET else ' (yours)'}, "
+          f"freed blocks kept in the heap: {'yes' if HEAP_KEPT else 'no'}")
     command, forward, wall = (statistics.median(v) for v in (commands, forwards, walls))
     ratios = sorted(c / f for c, f in zip(commands, forwards))
     print(f"  command beyond start-up: {command:.2f} s median of {len(commands)} ({args.images / command:.1f} "

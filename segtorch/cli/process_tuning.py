@@ -1,12 +1,14 @@
-"""Settings of a fresh ``segtorch predict``/``segtorch eval`` process that keep its reading and writing
-threads off the model's cores and its buffers out of the kernel's page-fault path. They change the process,
-not results, and apply only where the command owns the process: torch not yet imported (``segtorch predict
-...``, not ``cli.main`` called from a Python program that already uses torch), and never over what the user
-set.
+"""Settings of a fresh ``segtorch predict``/``segtorch eval`` process that keep idle threads off the cores
+that the model and its reading and writing threads need, and buffers out of the kernel's page-fault path. They
+change the process, not results, and apply only where the command owns the process: torch not yet imported
+(``segtorch predict ...``, not ``cli.main`` called from a Python program that already uses torch), and never
+over what the user set.
 
 Measured on 2 Zen 5 cores (2026-11-24), 10 interleaved runs each: ``benchmarks/predict_throughput.py``'s 48
-JPEGs, medians 0.705 s with neither, 0.63 s with the short spin, 0.59 s with both; ``segtorch eval
-demo_pspnet_shapes`` (50 images, 6 runs each), 0.80 s against 0.685 s.
+JPEGs, medians 0.705 s with neither, 0.63 s with the short OpenMP spin, 0.59 s with
+that and the kept heap; ``segtorch eval
+demo_pspnet_shapes`` (50 images, 6 runs each), 0.80 s against 0.685 s. The short OpenBLAS spin (same JPEGs,
+10 runs each): 0.54 s against 0.505 s.
 """
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ import sys
 # forward pass that takes a core from the threads that read and write between passes. 20000 spins still
 # bridge the gaps inside a forward pass (0.281 s against 0.283 s for the demo's 48 images).
 OPENMP_SPINS = 20000
+
+# OpenBLAS (OpenCV's wheel bundles one, numpy's another; neither is used by the commands) starts a thread per
+# core when it loads, which then spins on sched_yield for 2^28 cycles (~0.1 s) before it sleeps. OpenCV loads
+# just before the first images are read, so that thread took a core from the first reads and the first forward
+# pass (1500 preemptions in that pass). 2^4 cycles: it sleeps at once, and wakes for any BLAS call.
+OPENBLAS_SPIN_LOG2 = 4
 
 # glibc gives blocks over 128 KB back to the kernel when they are freed (its threshold then grows with the
 # blocks freed, but trims follow), so each batch's images, outputs, PNGs and activations are page-faulted in
@@ -43,6 +51,16 @@ def short_openmp_spin() -> bool:
     return True
 
 
+def short_blas_spin() -> bool:
+    """Set ``OPENBLAS_THREAD_TIMEOUT`` for the OpenBLAS libraries that load after this; not where the user
+    chose OpenBLAS's threads or spin. Whether it was set."""
+    if not owns_process() or any(k in os.environ for k in
+                                 ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT", "OPENBLAS_NUM_THREADS")):
+        return False
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(OPENBLAS_SPIN_LOG2)
+    return True
+
+
 def keep_freed_memory() -> bool:
     """glibc's ``mallopt``: freed blocks up to ``MMAP_THRESHOLD`` stay in the heap for reuse. Not where the
     user tuned malloc (``MALLOC_*`` variables, glibc tunables) or where the C library is not glibc. Whether
@@ -60,6 +78,7 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-def tune_own_process() -> tuple[bool, bool]:
-    """Both settings, where this process is the command's own: (spin count set, freed blocks kept)."""
-    return short_openmp_spin(), keep_freed_memory()
+def tune_own_process() -> tuple[bool, bool, bool]:
+    """The settings, where this process is the command's own: (OpenMP spin set, OpenBLAS spin set, freed
+    blocks kept)."""
+    return short_openmp_spin(), short_blas_spin(), keep_freed_memory()
