@@ -21,7 +21,7 @@ import sys
 # bridge the gaps inside a forward pass (0.281 s against 0.283 s for the demo's 48 images).
 OPENMP_SPINS = 20000
 
-# OpenBLAS (OpenCV's wheel bundles one, numpy's another; neither is used by the commands) starts a thread per
+# OpenBLAS (OpenCV's wheel bundles one, numpy's another; nothing the commands run calls BLAS) starts a thread per
 # core when it loads, which then spins on sched_yield for 2^28 cycles (~0.1 s) before it sleeps. OpenCV loads
 # just before the first images are read, so that thread took a core from the first reads and the first forward
 # pass (1500 preemptions in that pass). 2^4 cycles: it sleeps at once, and wakes for any BLAS call.
