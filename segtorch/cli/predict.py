@@ -294,10 +294,10 @@ def cmd_predict(args) -> int:
         tqdm.write(f"segtorch: error: {message}", file=sys.stderr)
 
     want_scores = "scores" in outputs
-    # results waiting to be written: 4 batches (~2 MB each at 640x480)
     between_forwards = model_takes_every_core(seg.device)
     # helpers that run beside a CPU model yield to it; between its forward passes the model waits for them
     below_model = seg.device.type == "cpu" and not between_forwards
+    # results waiting to be written: 4 batches (~2 MB each at 640x480)
     writer = _Writer(seg, out, outputs, args.workers, max_pending=4 * args.batch_size, below_model=below_model)
     readers = helper_pool(args.workers, "read", below_model=below_model)
     ahead = max(2, 2 * args.workers) + args.batch_size

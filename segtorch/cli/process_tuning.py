@@ -5,10 +5,9 @@ change the process, not results, and apply only where the command owns the proce
 over what the user set.
 
 Measured on 2 Zen 5 cores (2026-11-24), 10 interleaved runs each: ``benchmarks/predict_throughput.py``'s 48
-JPEGs, medians 0.705 s with neither, 0.63 s with the short OpenMP spin, 0.59 s with
-that and the kept heap; ``segtorch eval
-demo_pspnet_shapes`` (50 images, 6 runs each), 0.80 s against 0.685 s. The short OpenBLAS spin (same JPEGs,
-10 runs each): 0.54 s against 0.505 s.
+JPEGs, medians 0.705 s with neither, 0.63 s with the short OpenMP spin, 0.59 s with that and the kept heap;
+``segtorch eval demo_pspnet_shapes`` (50 images, 6 runs each), 0.80 s against 0.685 s. The short OpenBLAS
+spin (same JPEGs, 10 runs each): 0.54 s against 0.505 s.
 """
 from __future__ import annotations
 

@@ -78,8 +78,8 @@ def resized_argmax(scores: torch.Tensor, size, align_corners: bool) -> torch.Ten
     # each source row's best class (N x h x W) and its margin over the runner-up: the largest score, then the
     # largest of the others (topk(2) took 2-3x as long). Where classes tie, the margin is 0 and the band
     # column is computed in full, so which of them ``best`` names does not matter.
-    first, best = rows.max(dim=1)
-    margin = first - rows.scatter(1, best[:, None], float("-inf")).amax(dim=1)
+    top_score, best = rows.max(dim=1)
+    margin = top_score - rows.scatter(1, best[:, None], float("-inf")).amax(dim=1)
     best = best.to(torch.int32)
     biggest = rows.abs().amax(dim=1)
     y0, _, w0, w1 = source_rows(h, height, align_corners, rows.dtype)
