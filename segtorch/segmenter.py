@@ -10,6 +10,27 @@ from .registry import ModelCard
 from .errors import UsageError
 
 
+def card_preprocessor(card: ModelCard):
+    """``card``'s test-time resize and normalisation as a picklable function (HxWx3 uint8 RGB -> 1x3xhxw
+    float32) that reading threads and processes can run without the model."""
+    import functools
+
+    from .inference.image import preprocess
+
+    pre = card.preprocess
+    return functools.partial(preprocess, resize=pre.resize, mean=pre.mean, std=pre.std)
+
+
+def prepare_image(card: ModelCard, image) -> tuple[np.ndarray, torch.Tensor]:
+    """(HxWx3 uint8 RGB image, 1x3xhxw normalised tensor): ``image`` (a path, bytes, PIL image or array) read,
+    then ``card``'s test-time resize and normalisation. Needs only the card: ``segtorch predict`` reads ahead
+    while the model loads."""
+    from .inference.image import read_image
+
+    image = read_image(image)
+    return image, card_preprocessor(card)(image)
+
+
 class ChannelsLast(torch.nn.Module):
     """Runs ``model`` on NHWC inputs: oneDNN's and cuDNN's faster convolution layout (same results to
     rounding). The model's weights are converted once, here (a no-op for those ``load`` already folded into
@@ -148,22 +169,13 @@ class Segmenter:
         return result
 
     def prepare(self, image) -> tuple[np.ndarray, torch.Tensor]:
-        """(HxWx3 uint8 RGB image, 1x3xhxw normalised tensor): reading and the card's test-time resize and
-        normalisation, the part of ``predict`` that worker threads can run ahead of the model."""
-        from .inference.image import read_image
-
-        image = read_image(image)
-        return image, self.preprocessor()(image)
+        """``prepare_image`` with this model's card: the part of ``predict`` that worker threads can run ahead
+        of the model."""
+        return prepare_image(self.card, image)
 
     def preprocessor(self):
-        """The card's test-time resize and normalisation as a picklable function (HxWx3 uint8 RGB ->
-        1x3xhxw float32) that reading processes can run without the model."""
-        import functools
-
-        from .inference.image import preprocess
-
-        pre = self.card.preprocess
-        return functools.partial(preprocess, resize=pre.resize, mean=pre.mean, std=pre.std)
+        """``card_preprocessor`` of this model's card."""
+        return card_preprocessor(self.card)
 
     def predict_prepared(self, batch: torch.Tensor, size, tta: bool = False, mode: str | None = None,
                          crop_size=None, stride=None, return_scores: bool = False) -> list:

@@ -233,6 +233,7 @@ def test_helpers_wait_while_a_cpu_model_takes_every_core(tmp_path, monkeypatch, 
     import threading
     import time
 
+    from segtorch import segmenter
     from segtorch.cli import predict
     from segtorch.segmenter import Segmenter
 
@@ -256,7 +257,7 @@ def test_helpers_wait_while_a_cpu_model_takes_every_core(tmp_path, monkeypatch, 
             return fn(*a, **k)
         return forward_passes
 
-    monkeypatch.setattr(Segmenter, "prepare", slowed(Segmenter.prepare))
+    monkeypatch.setattr(segmenter, "prepare_image", slowed(segmenter.prepare_image))
     monkeypatch.setattr(predict, "write_png", slowed(predict.write_png))
     monkeypatch.setattr(Segmenter, "predict_prepared", checked(Segmenter.predict_prepared))
     monkeypatch.setattr(predict, "model_takes_every_core", lambda device: model_takes_every_core)
@@ -273,6 +274,48 @@ def test_helpers_wait_while_a_cpu_model_takes_every_core(tmp_path, monkeypatch, 
         assert overlapped == [0, 0, 0] and lowered == [False, False]
     else:  # reads queued ahead and the writes behind are still running at the later passes
         assert max(overlapped[1:]) > 0 and lowered == [True, True]
+
+
+def test_images_are_read_while_the_model_loads(tmp_path, monkeypatch, capsys):
+    """Reading needs only the card: the first images are read while the model loads (on the core loading
+    leaves idle), one batch more than the queue keeps; a load that fails leaves no reader behind."""
+    import threading
+
+    from segtorch import segmenter
+
+    read, during_load = threading.Semaphore(0), []
+    real_prepare, real_load = segmenter.prepare_image, segtorch.load
+
+    def prepare(card, src):
+        result = real_prepare(card, src)
+        read.release()
+        return result
+
+    def load(*a, **k):  # waits (up to 10 s) for images read before it returns
+        count = 0
+        while count < 12 and read.acquire(timeout=10):
+            count += 1
+        during_load.append(count)
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(segmenter, "prepare_image", prepare)
+    monkeypatch.setattr(segtorch, "load", load)
+    for i in range(14):
+        _image(tmp_path / "in" / f"{i:02d}.png", seed=i)
+    assert main(tmp_path / "in", "--model", DEMO, "--out", tmp_path / "out", "--outputs", "labels") == 0
+    assert during_load == [12]  # queue of 8 (2 workers, batch 4) and the first batch
+    assert "14 of 14 inputs segmented" in capsys.readouterr().err
+
+    def failing_load(*a, **k):
+        raise segtorch.errors.SegtorchError("cannot load")
+
+    monkeypatch.setattr(segtorch, "load", failing_load)
+    before = {t for t in threading.enumerate() if t.name.startswith("segtorch-read")}
+    assert main(tmp_path / "in", "--model", DEMO, "--out", tmp_path / "out2") == 1
+    assert "segtorch: error: cannot load" in capsys.readouterr().err
+    left = {t for t in threading.enumerate() if t.name.startswith("segtorch-read")} - before
+    assert not any(t.is_alive() for t in left)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_model_takes_every_core(monkeypatch):

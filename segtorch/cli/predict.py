@@ -6,13 +6,15 @@ Each image gets ``<name>_labels.png`` (class indices; 16-bit when there are more
 picks which. ``<name>`` is the file's stem, made unique where two inputs share it (``cat_jpg``/``cat_png``
 for files of one folder, input folders mirrored under ``--out`` otherwise). Every input is checked before a
 model is loaded; a missing, unreadable or non-image file gets a one-line error, the others are still
-processed, and the exit status is 1 if any failed. Worker threads read and preprocess ahead of the model and
-write results behind it: between its forward passes when the model's threads take every core (a CPU device,
-by default), beside them otherwise (at a lower priority for a CPU model); equal-sized images share a forward
-pass. Files are written atomically. A process of its own is tuned first (``process_tuning``).
+processed, and the exit status is 1 if any failed. Worker threads read and preprocess ahead of the model (the
+first images while it loads) and write results behind it: between its forward passes when the model's threads
+take every core (a CPU device, by default), beside them otherwise (at a lower priority for a CPU model);
+equal-sized images share a forward pass. Files are written atomically. A process of its own is tuned first
+(``process_tuning``).
 """
 from __future__ import annotations
 
+import functools
 import glob
 import importlib
 import os
@@ -259,8 +261,11 @@ def cmd_predict(args) -> int:
     tune_own_process()  # before torch loads libgomp (the option checks import torch)
     from tqdm import tqdm
 
+    import torch
+
     from .. import load
-    from ..segmenter import Segmenter
+    from ..registry import model_card
+    from ..segmenter import Segmenter, prepare_image
 
     outputs = _parse_outputs(args)
     out = _check_options(args)
@@ -271,13 +276,38 @@ def cmd_predict(args) -> int:
         return 1
     names = output_names(files)
     name = args.model or _default_model()
+    card = model_card(name)
+    between_forwards = model_takes_every_core(args.device)
+    # helpers that run beside a CPU model yield to it; between its forward passes the model waits for them
+    below_model = torch.device(args.device).type == "cpu" and not between_forwards
+    importlib.import_module("segtorch.inference.image")  # OpenCV: imported once here, not by each reader
+    readers = helper_pool(args.workers, "read", below_model=below_model)
+    ahead = max(2, 2 * args.workers) + args.batch_size
+    queue: deque = deque()
+    items = iter(zip(files, names))
+    prepare = functools.partial(prepare_image, card)  # the card is enough: no model needed to read
+
+    def read_ahead(limit: int = ahead) -> None:
+        while len(queue) < limit:
+            item = next(items, None)
+            if item is None:
+                break
+            queue.append((item, readers.submit(prepare, item[0])))
+
     t0 = time.perf_counter()
-    seg = load(name, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
-               compile=args.compile)
-    # start-up, not per image: the modules the pipeline uses (OpenCV, the PNG encoder's ISA-L: ~90 ms) are
-    # imported with the model, not by the first images' threads
-    for module in ("image", "png", "predictor", "render", "resize_argmax"):
-        importlib.import_module(f"segtorch.inference.{module}")
+    # the first batch and the queue behind it are read while the model loads, on the core loading leaves idle
+    # (the demo model: ~0.2 s, 12 of its 640x480 JPEGs read in ~40 ms; the first forward pass waited ~20 ms)
+    read_ahead(ahead + args.batch_size)
+    try:
+        seg = load(name, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
+                   compile=args.compile)
+        # start-up, not per image: the modules the pipeline uses (the PNG encoder's ISA-L among them) are
+        # imported with the model, not by the first images' threads
+        for module in ("png", "predictor", "render", "resize_argmax"):
+            importlib.import_module(f"segtorch.inference.{module}")
+    except BaseException:
+        readers.shutdown(cancel_futures=True)
+        raise
     reference = None
     if args.check_agreement and (args.precision != "fp32" or args.compile):
         reference = Segmenter(seg.model, seg.card, device=seg.device)  # same weights, fp32, not compiled
@@ -294,15 +324,8 @@ def cmd_predict(args) -> int:
         tqdm.write(f"segtorch: error: {message}", file=sys.stderr)
 
     want_scores = "scores" in outputs
-    between_forwards = model_takes_every_core(seg.device)
-    # helpers that run beside a CPU model yield to it; between its forward passes the model waits for them
-    below_model = seg.device.type == "cpu" and not between_forwards
     # results waiting to be written: 4 batches (~2 MB each at 640x480)
     writer = _Writer(seg, out, outputs, args.workers, max_pending=4 * args.batch_size, below_model=below_model)
-    readers = helper_pool(args.workers, "read", below_model=below_model)
-    ahead = max(2, 2 * args.workers) + args.batch_size
-    queue: deque = deque()
-    items = iter(zip(files, names))
     batch: list = []
 
     def run_batch() -> None:
@@ -329,11 +352,7 @@ def cmd_predict(args) -> int:
 
     try:
         while True:
-            while len(queue) < ahead:
-                item = next(items, None)
-                if item is None:
-                    break
-                queue.append((item, readers.submit(seg.prepare, item[0])))
+            read_ahead()
             if not queue:
                 break
             (path, out_name), future = queue.popleft()
