@@ -92,3 +92,79 @@ def test_sha256_file_matches_hashlib(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(data)
     assert files.sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def _exchange_works_here(folder) -> bool:
+    """Whether this OS and file system exchange two names (asked directly, not through segtorch)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None), "renameat2", None)
+    a, b = folder / "probe_a", folder / "probe_b"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    swapped = renameat2 is not None and renameat2(-100, bytes(a), -100, bytes(b), 2) == 0
+    a.unlink()
+    b.unlink()
+    return swapped
+
+
+def test_recomputable_write_swaps_out_an_existing_file(tmp_path, monkeypatch):
+    """``recomputable``: an existing file is exchanged with the new one and deleted, never renamed over (on ext4
+    the rename would make the writer wait for the new data to be written back); the result is the same."""
+    if not _exchange_works_here(tmp_path):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here (not Linux, or the file system lacks it)")
+    dst = tmp_path / "x_overlay.png"
+    dst.write_bytes(b"old")
+    os.link(dst, tmp_path / "kept")  # the old file's data stays with its other name, untouched
+
+    def no_rename(*a, **k):
+        raise AssertionError("renamed over an existing file")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    old = os.umask(0o027)
+    try:
+        files.atomic_write(dst, b"new", recomputable=True)
+    finally:
+        os.umask(old)
+    assert dst.read_bytes() == b"new" and (tmp_path / "kept").read_bytes() == b"old"
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o640 and dst.stat().st_nlink == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "x_overlay.png"]  # no temporary left
+    with pytest.raises(AssertionError, match="renamed over"):  # without the flag: the rename, as before
+        files.atomic_write(dst, b"newer")
+
+
+@pytest.mark.parametrize("case", ["missing", "symlink", "exchange_refused", "not_linux"])
+def test_recomputable_write_renames_where_it_cannot_swap(tmp_path, monkeypatch, case):
+    """No regular file to swap out, or no exchange to swap it with: the ordinary rename, same result."""
+    dst, target = tmp_path / "out.png", tmp_path / "target.png"
+    target.write_bytes(b"target")
+    if case == "symlink":
+        dst.symlink_to(target)
+    elif case != "missing":
+        dst.write_bytes(b"old")
+    if case == "exchange_refused":  # e.g. a file system without RENAME_EXCHANGE (EINVAL)
+        monkeypatch.setattr(files, "_renameat2", lambda: lambda *a: -1)
+    elif case == "not_linux":
+        monkeypatch.setattr(files, "_renameat2", lambda: None)
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(b), real_replace(a, b)))
+    files.atomic_write(dst, b"new", recomputable=True)
+    assert renamed == [dst] and dst.read_bytes() == b"new" and not dst.is_symlink()
+    assert target.read_bytes() == b"target"  # a link is replaced, as a rename replaces it, never followed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "target.png"]
+
+
+def test_predict_pictures_are_recomputable_writes(tmp_path, monkeypatch):
+    import numpy as np
+
+    from segtorch.cli import predict
+
+    flags = []
+    real = files.atomic_write
+    monkeypatch.setattr(files, "atomic_write", lambda *a, **k: (flags.append(k.get("recomputable")), real(*a, **k))[1])
+    predict.write_png(np.zeros((4, 5), np.uint8), tmp_path / "a_labels.png")
+    assert flags == [True] and (tmp_path / "a_labels.png").read_bytes().startswith(b"\x89PNG")

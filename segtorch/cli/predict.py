@@ -121,11 +121,12 @@ def output_names(files: list[Path]) -> list[str]:
 
 
 def write_png(array, path: Path) -> None:
-    """An H x W (8/16-bit) or H x W x 3 RGB array as a PNG file, atomically (``inference/png.py``)."""
+    """An H x W (8/16-bit) or H x W x 3 RGB array as a PNG file, atomically (``inference/png.py``); a result an
+    earlier run left there is swapped out rather than renamed over (``files.atomic_write``'s ``recomputable``)."""
     from ..files import atomic_write
     from ..inference.png import encode_png
 
-    atomic_write(path, encode_png(array))
+    atomic_write(path, encode_png(array), recomputable=True)
 
 
 def _default_model() -> str:
