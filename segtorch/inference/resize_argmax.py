@@ -94,13 +94,16 @@ def resized_argmax(scores: torch.Tensor, size, align_corners: bool) -> torch.Ten
     decided[:, rows_per_band == 0] = True  # bands no output row falls in
     n_idx, band, col = (~decided).nonzero(as_tuple=True)
     if n_idx.numel():
-        # the band's output rows, padded to the longest band by repeating its last row (the same value is
-        # then written twice)
+        # each band's output rows and their weights (h x B tables), padded to the longest band by repeating its
+        # last row (the same value is then written twice); gathered per column from these small tables
         first = torch.cumsum(rows_per_band, 0) - rows_per_band
         offsets = torch.arange(int(rows_per_band.max()))
-        out_rows = (first[:, None] + torch.minimum(offsets[None], rows_per_band[:, None] - 1))[band]  # K x B
+        band_rows = first[:, None] + torch.minimum(offsets[None], rows_per_band[:, None] - 1)  # h x B
+        out_rows = band_rows.index_select(0, band)  # K x B
         top_row = rows[n_idx, :, band, col]  # K x C
         bottom_row = rows[n_idx, :, below[band], col]
-        values = top_row[:, None, :] * w0[out_rows][:, :, None] + bottom_row[:, None, :] * w1[out_rows][:, :, None]
-        labels[n_idx[:, None], out_rows, col[:, None]] = values.argmax(dim=2).to(torch.int32)
+        values = (top_row[:, None, :] * w0[band_rows].index_select(0, band)[:, :, None]
+                  + bottom_row[:, None, :] * w1[band_rows].index_select(0, band)[:, :, None])  # K x B x C
+        flat = (n_idx * (height * width) + col)[:, None] + out_rows * width  # into labels (N x H x W)
+        labels.view(-1).index_put_((flat.view(-1),), values.argmax(dim=2).to(torch.int32).view(-1))
     return labels
