@@ -70,17 +70,23 @@ def _renameat2():
 def _swapped_in(tmp: Path, dst: Path) -> bool:
     """Put ``tmp`` in the place of the regular file ``dst`` by exchanging the two names in one step (Linux's
     ``renameat2(RENAME_EXCHANGE)``), then delete the old file, now under ``tmp``'s name. False, with nothing
-    changed, where that cannot be done: no regular file at ``dst``, not Linux, or a file system without the
-    exchange; the caller then renames."""
+    changed, where that cannot be done: no regular file at ``dst`` (one that becomes a folder between the check
+    and the exchange is exchanged back), not Linux, or a file system without the exchange; the caller then
+    renames."""
     renameat2 = _renameat2()
     try:
         if renameat2 is None or not stat.S_ISREG(os.lstat(dst).st_mode):
             return False
     except FileNotFoundError:
         return False
-    if renameat2(-100, os.fsencode(tmp), -100, os.fsencode(dst), _RENAME_EXCHANGE) != 0:  # -100: AT_FDCWD
+    names = os.fsencode(tmp), os.fsencode(dst)
+    if renameat2(-100, names[0], -100, names[1], _RENAME_EXCHANGE) != 0:  # -100: AT_FDCWD
         return False
-    os.unlink(tmp)
+    try:
+        os.unlink(tmp)
+    except IsADirectoryError:  # a folder took ``dst``'s place after the check: put it back; the rename refuses
+        renameat2(-100, names[0], -100, names[1], _RENAME_EXCHANGE)
+        return False
     return True
 
 

@@ -158,6 +158,30 @@ def test_recomputable_write_renames_where_it_cannot_swap(tmp_path, monkeypatch, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "target.png"]
 
 
+def test_a_folder_that_takes_the_files_place_is_put_back(tmp_path, monkeypatch):
+    """A folder made at the destination between the check and the exchange is exchanged back, untouched, and
+    the write fails as a rename over a folder fails."""
+    if not _exchange_works_here(tmp_path):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here (not Linux, or the file system lacks it)")
+    dst = tmp_path / "out.png"
+    dst.write_bytes(b"old")
+    real, raced = files._renameat2(), []
+
+    def racing(*args):  # the folder appears just before the first exchange
+        if not raced:
+            raced.append(True)
+            dst.unlink()
+            dst.mkdir()
+            (dst / "inside.txt").write_text("mine")
+        return real(*args)
+
+    monkeypatch.setattr(files, "_renameat2", lambda: racing)
+    with pytest.raises(IsADirectoryError):
+        files.atomic_write(dst, b"new", recomputable=True)
+    assert dst.is_dir() and (dst / "inside.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]  # no temporary left
+
+
 def test_predict_pictures_are_recomputable_writes(tmp_path, monkeypatch):
     import numpy as np
 
