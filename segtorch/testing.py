@@ -93,3 +93,56 @@ def reference_logits(model, x: torch.Tensor) -> torch.Tensor:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# one checkpoint per decode-head family (on ResNet-50) and one per other backbone: what a device's parity check
+# runs (tests/test_cuda.py, benchmarks/cuda_check.py)
+FAMILY_CHECKPOINTS = ("pspnet_resnet50os8_ade20k", "upernet_resnet50os8_ade20k", "isnet_resnet50os8_ade20k",
+                      "mcibi_deeplabv3_resnet50os8_ade20k", "idrnet_upernet_resnet50os8_ade20k",
+                      "isnet_resnest101os8_ade20k", "mcibi_deeplabv3_hrnetv2w48_ade20k",
+                      "mcibi_deeplabv3_vitlarge_ade20k", "idrnet_upernet_swinlarge_ade20k")
+
+
+def device_fidelity(name: str, device: str | torch.device, shape=(1, 3, 97, 75),
+                    precisions: tuple[str, ...] = ()) -> dict[str, float]:
+    """How far ``name``'s scores on ``device`` are from the float64 answer, for weights drawn as the toolbox
+    initialises them (``seeded_state_dict``) and a seeded input of ``shape``; the float64 answer and the
+    yardstick are computed on the CPU. Relative errors, keyed:
+
+    - ``cpu_fp32``: the CPU in float32, computed as the toolbox computes (no folding, NCHW): the yardstick;
+    - ``fp32``: ``device`` in float32 without the fast path (``fuse_bn=False, channels_last=False``);
+    - ``fp32_default``: ``device`` as ``load`` gives it by default (the per-backbone fast path);
+    - for each of ``precisions`` (bf16, fp16): its error, and ``<precision>_agreement``, the % of pixels whose
+      best class is the float64 answer's.
+
+    The weights go through the user's path: a safetensors file, ``segtorch.load(name, checkpoint=...)``."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from . import api
+
+    device = torch.device(device)
+    model = api.create_model(name)
+    state = seeded_state_dict(model.state_dict())
+    x = seeded_input(shape)
+    with torch.inference_mode():
+        model.load_state_dict(state)
+        model.eval()
+        exact = copy.deepcopy(model).double()(x.double())
+        errors = {"cpu_fp32": relative_error(model(x), exact)}
+    del model
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        runs = {"fp32": dict(fuse_bn=False, channels_last=False), "fp32_default": {}}
+        runs.update({p: dict(precision=p) for p in precisions})
+        for key, options in runs.items():
+            seg = api.load(name, checkpoint=path, device=device, **options)
+            with torch.inference_mode(), seg._autocast():
+                out = seg._forward(x.to(device)).float().cpu()
+            errors[key] = relative_error(out, exact)
+            if key in precisions:
+                errors[f"{key}_agreement"] = 100.0 * (out.argmax(1) == exact.argmax(1)).double().mean().item()
+            del seg
+    return errors

@@ -88,8 +88,9 @@ def test_exporting_to_onnx_follows_the_exporter():
 # ---- execution provider ------------------------------------------------------------------------------------
 def test_execution_provider_follows_the_device():
     both = [CUDA, CPU]
-    assert providers_for("cuda", available=both) == [CUDA, CPU]
-    assert providers_for("cuda:1", available=both) == [CUDA, CPU]
+    # the GPU asked for, in float32 without TF32 (onnxruntime's CUDA default is TF32 on Ampere and newer)
+    assert providers_for("cuda", available=both) == [(CUDA, {"device_id": "0", "use_tf32": "0"}), CPU]
+    assert providers_for("cuda:1", available=both) == [(CUDA, {"device_id": "1", "use_tf32": "0"}), CPU]
     assert providers_for("cpu", available=both) == [CPU]
     assert providers_for("cuda", available=[CPU]) == [CPU]  # onnxruntime without CUDA: the CPU
 

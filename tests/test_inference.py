@@ -568,7 +568,8 @@ def test_fold_batchnorm_on_resnet_bottleneck():
 
 # ---- precision ----------------------------------------------------------------------------------------------
 def test_autocast_context(monkeypatch):
-    assert autocast_context("cpu", "fp32").__enter__() is None
+    with autocast_context("cpu", "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(ValueError, match="precision"):
         autocast_context("cpu", "int8")
     with pytest.raises(segtorch.UsageError, match="only offered on CUDA"):  # one line in the CLI
@@ -576,9 +577,77 @@ def test_autocast_context(monkeypatch):
     monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset({"avx2"}))
     with pytest.raises(segtorch.UsageError, match="AVX512-BF16 or AMX"):
         autocast_context("cpu", "bf16")
+    assert precision_mod.reduced_precisions("cpu") == ()
     monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     with autocast_context("cpu", "bf16"):
         assert torch.is_autocast_enabled("cpu")
+    assert precision_mod.reduced_precisions("cpu") == ("bf16",)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a pre-Ampere GPU
+    assert precision_mod.reduced_precisions("cuda:0") == ("fp16",)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision_mod.reduced_precisions("cuda") == ("fp16", "bf16")
+
+
+def _cuda_switches() -> tuple:
+    """What ``toolbox_cuda_numerics`` sets, read back (the switches are Python-side: no GPU needed)."""
+    return tuple(getattr(owner, name) for owner, name, _ in precision_mod._tf32_switches()) + \
+        (torch.backends.cudnn.benchmark,)
+
+
+@pytest.fixture
+def restore_cuda_switches():
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in precision_mod._tf32_switches()]
+    benchmark = torch.backends.cudnn.benchmark
+    yield
+    for owner, name, value in saved:
+        setattr(owner, name, value)
+    torch.backends.cudnn.benchmark = benchmark
+
+
+def test_toolbox_cuda_numerics_turn_tf32_off_on_gpus_only(restore_cuda_switches):
+    """The toolbox's scripts all turn TF32 off ("open full fp32"); segtorch does so around its own CUDA work and
+    puts the user's settings back after, also after an error. Nothing changes on the CPU."""
+    off = tuple(value for _, _, value in precision_mod._tf32_switches())
+    before = _cuda_switches()
+    assert before[:2] != off  # PyTorch's default lets cuDNN's convolutions use TF32
+    with precision_mod.toolbox_cuda_numerics("cpu", cudnn_benchmark=True):
+        assert _cuda_switches() == before
+    with precision_mod.toolbox_cuda_numerics("cuda:1"):
+        assert _cuda_switches() == off + (before[2],)  # autotuning left alone unless asked
+    with precision_mod.toolbox_cuda_numerics(torch.device("cuda"), cudnn_benchmark=True):
+        assert _cuda_switches() == off + (True,)
+    assert _cuda_switches() == before
+    with pytest.raises(KeyError):
+        with precision_mod.toolbox_cuda_numerics("cuda", cudnn_benchmark=True):
+            raise KeyError("inside")
+    assert _cuda_switches() == before
+    # every precision's forward passes on a GPU run under them (the checks before the block need no GPU)
+    with autocast_context("cuda", "fp32"):
+        assert _cuda_switches()[:2] == off
+    assert _cuda_switches() == before
+
+
+def test_toolbox_cuda_numerics_on_torch_without_per_operator_precision(monkeypatch, restore_cuda_switches):
+    """Before torch 2.9 the switches are the ``allow_tf32`` flags."""
+    monkeypatch.setattr(torch.backends.cudnn, "conv", object(), raising=False)
+    switches = precision_mod._tf32_switches()
+    assert [(owner, name) for owner, name, _ in switches] == [(torch.backends.cudnn, "allow_tf32"),
+                                                             (torch.backends.cuda.matmul, "allow_tf32")]
+    torch.backends.cudnn.allow_tf32 = True
+    with precision_mod.toolbox_cuda_numerics("cuda"):
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 is True
+
+
+def test_device_fidelity_on_the_cpu():
+    """The comparison tests/test_cuda.py makes on a GPU, run on the CPU: the model loaded from a file, with and
+    without the fast path, within the parity rule of the CPU's own float32 (not bit-equal to it: weights read
+    from a file sit at other alignments, and the CPU kernels' rounding follows the alignment)."""
+    from segtorch.testing import device_fidelity
+
+    errors = device_fidelity("pspnet_resnet50os8_ade20k", "cpu")
+    assert set(errors) == {"cpu_fp32", "fp32", "fp32_default"} and 0 < errors["cpu_fp32"] < 1e-5
+    assert max(errors["fp32"], errors["fp32_default"]) <= max(2 * errors["cpu_fp32"], 1e-5)
 
 
 def test_benchmarks_name_the_cpu_kind(monkeypatch):

@@ -186,6 +186,36 @@ def test_training_lowers_the_loss_evaluates_and_exports(tmp_path):
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "iteration"} <= set(ckpt) and ckpt["iteration"] == 24
 
 
+def test_training_and_its_evaluation_run_under_the_toolbox_cuda_numerics(tmp_path, monkeypatch):
+    """On a GPU the toolbox trains with TF32 off and cuDNN's autotuning on: every forward pass of training and of
+    its evaluation runs inside those settings, and they are put back after. The settings are switched as for a
+    GPU (that needs none) while the model computes on the CPU."""
+    from segtorch.inference import precision as precision_mod
+
+    real, asked = precision_mod.toolbox_cuda_numerics, []
+
+    def as_on_a_gpu(device, cudnn_benchmark=None):
+        asked.append((torch.device(device).type, cudnn_benchmark))
+        return real("cuda", cudnn_benchmark)
+
+    def switches():
+        return tuple(getattr(o, n) for o, n, _ in precision_mod._tf32_switches()) + (torch.backends.cudnn.benchmark,)
+
+    monkeypatch.setattr(precision_mod, "toolbox_cuda_numerics", as_on_a_gpu)
+    off = tuple(v for _, _, v in precision_mod._tf32_switches()) + (True,)
+    before = switches()
+    dataset, train = toy_training_set(tmp_path)
+    model, seen = tiny_pspnet(), []
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))  # training calls the parts
+    first_conv.register_forward_hook(lambda module, args, out: seen.append((module.training, switches())))
+    config = TrainConfig(work_dir=str(tmp_path / "run"), max_iters=2, batch_size=2, num_workers=0, optimizer=SGD,
+                         losses=LOSSES)
+    Trainer(model, train, config, val_set=dataset).fit()
+    assert {training for training, _ in seen} == {True, False}  # training steps and the evaluation
+    assert {state for _, state in seen} == {off}
+    assert set(asked) == {("cpu", True)} and switches() == before
+
+
 class Interrupt(Exception):
     pass
 

@@ -64,15 +64,20 @@ def onnx_session(path: str | os.PathLike, device: str | torch.device = "cpu", th
     return ort.InferenceSession(str(path), options, providers=providers_for(device))
 
 
-def providers_for(device: str | torch.device, available: Sequence[str] | None = None) -> list[str]:
-    """Execution providers for ``device``: CUDA (then CPU) when the device is a GPU and onnxruntime-gpu
-    offers CUDA, else the CPU."""
+# onnxruntime's CUDA provider runs float32 convolutions and matmuls in TF32 on Ampere and newer GPUs unless told
+# not to (its option since 1.18): off, as the toolbox and segtorch's own CUDA forward passes have it
+CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+def providers_for(device: str | torch.device, available: Sequence[str] | None = None) -> list:
+    """Execution providers for ``device``: CUDA on that GPU (``cuda:1``: the second) in float32 without TF32,
+    then the CPU, when the device is a GPU and onnxruntime-gpu offers CUDA; else the CPU."""
     if available is None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
     if torch.device(device).type == "cuda" and CUDA in available:
-        return [CUDA, CPU]
+        return [(CUDA, {"device_id": str(torch.device(device).index or 0), **CUDA_OPTIONS}), CPU]
     return [CPU]
 
 

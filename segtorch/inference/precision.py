@@ -2,7 +2,8 @@
 
 fp32 is the default and the only precision that reproduces the toolbox's numbers; bf16/fp16 trade a little
 accuracy in the scores for speed. The CPU runs bf16 fast only with AVX512-BF16 or AMX (elsewhere it is
-emulated, slower than fp32), and fp16 autocast is offered on CUDA only.
+emulated, slower than fp32), and fp16 autocast is offered on CUDA only. On CUDA every precision runs with the
+toolbox's numerics (``toolbox_cuda_numerics``): TF32 off.
 """
 from __future__ import annotations
 
@@ -74,14 +75,67 @@ def check_precision(device: torch.device | str, precision: str) -> None:
     raise UsageError(f"precision {precision!r} is not supported on device type {device.type!r}; use 'fp32'")
 
 
+def reduced_precisions(device: torch.device | str) -> tuple[str, ...]:
+    """The reduced precisions ``device`` offers (``check_precision`` accepts them): CUDA fp16, and bf16 on GPUs
+    that have it; the CPU bf16 with AVX512-BF16 or AMX; else none."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return ("fp16", "bf16") if torch.cuda.is_bf16_supported() else ("fp16",)
+    return ("bf16",) if device.type == "cpu" and cpu_supports_bf16() else ()
+
+
 def reduced_dtype(precision: str) -> torch.dtype:
     """The torch dtype autocast computes in at ``precision`` ("bf16" or "fp16")."""
     return _DTYPES[precision]
 
 
+def _tf32_switches() -> list[tuple[object, str, object]]:
+    """(object, attribute, value that turns TF32 off) for cuDNN's convolutions and CUDA's matmuls: the
+    per-operator ``fp32_precision`` where this torch has it (2.9+; reading the older ``allow_tf32`` flags there
+    raises once someone has set the two APIs differently), else the ``allow_tf32`` flags."""
+    backends = torch.backends
+    if hasattr(getattr(backends.cudnn, "conv", None), "fp32_precision"):
+        return [(backends.cudnn.conv, "fp32_precision", "ieee"), (backends.cuda.matmul, "fp32_precision", "ieee")]
+    return [(backends.cudnn, "allow_tf32", False), (backends.cuda.matmul, "allow_tf32", False)]
+
+
+@contextlib.contextmanager
+def toolbox_cuda_numerics(device: torch.device | str, cudnn_benchmark: bool | None = None):
+    """Within the block, on a CUDA device, the toolbox's settings: TF32 off for cuDNN's convolutions and CUDA's
+    matmuls (its training, test and inference scripts all set that, "open full fp32"; PyTorch's default runs
+    fp32 convolutions on Ampere and newer GPUs in TF32, a 10-bit mantissa: errors ~1e-3 where float32's are
+    ~1e-6), and cuDNN's autotuning where ``cudnn_benchmark`` is given (its training sets it from the config:
+    on for all 74). The previous values come back after the block. These are process-wide switches: CUDA work
+    of other threads during the block runs under them too. On other devices nothing changes."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    switches = _tf32_switches()
+    if cudnn_benchmark is not None:
+        switches.append((torch.backends.cudnn, "benchmark", cudnn_benchmark))
+    saved = [getattr(owner, name) for owner, name, _ in switches]
+    try:
+        for owner, name, value in switches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for (owner, name, _), value in zip(switches, saved):
+            setattr(owner, name, value)
+
+
 def autocast_context(device: torch.device | str, precision: str = "fp32") -> contextlib.AbstractContextManager:
-    """A context manager for running the model at ``precision`` on ``device`` ("fp32": no autocast)."""
+    """A context manager for running the model at ``precision`` on ``device`` ("fp32": no autocast), with the
+    toolbox's CUDA numerics (``toolbox_cuda_numerics``: TF32 off) on a GPU. An unknown precision, or one the
+    device lacks, is refused here, before the block."""
     check_precision(device, precision)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[precision])
+    return _numerics(torch.device(device), precision)
+
+
+@contextlib.contextmanager
+def _numerics(device: torch.device, precision: str):
+    with toolbox_cuda_numerics(device):
+        if precision == "fp32":
+            yield
+        else:
+            with torch.autocast(device_type=device.type, dtype=_DTYPES[precision]):
+                yield

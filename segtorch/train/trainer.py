@@ -317,6 +317,13 @@ class Trainer:
         dtype = torch.float16 if self.config.amp == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def _numerics(self):
+        """The toolbox's training settings on a GPU: TF32 off and cuDNN's autotuning on (every one of its 74
+        configs sets ``benchmark=True``); nothing changes on the CPU."""
+        from ..inference.precision import toolbox_cuda_numerics
+
+        return toolbox_cuda_numerics(self.device, cudnn_benchmark=True)
+
     def train_step(self, batches: Iterator) -> tuple[float, dict[str, torch.Tensor]]:
         """One optimizer step; the toolbox's epoch (from 1) and scheduled rate go to the model's training
         forward (MCIBI's memory momentum and memory loss depend on them)."""
@@ -325,23 +332,24 @@ class Trainer:
         lr = self.schedule.apply(self.optimizer, self.iteration)
         self.optimizer.zero_grad(set_to_none=True)
         parts: dict[str, torch.Tensor] = {}
-        for micro in range(c.accumulate):
-            images, labels = next(batches)
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            last = micro == c.accumulate - 1
-            sync = self.step_module.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
-            with sync:
-                with self._autocast():  # the losses themselves are computed in fp32
-                    loss, losses = self.step_module(images, labels, lr, epoch)
-                self.scaler.scale(loss / c.accumulate).backward()
-            for k, v in losses.items():
-                parts[k] = parts.get(k, 0) + v / c.accumulate
-        if c.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            clip_gradients(self.model, c.optimizer, c.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with self._numerics():  # the forward and backward passes and the update
+            for micro in range(c.accumulate):
+                images, labels = next(batches)
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                last = micro == c.accumulate - 1
+                sync = self.step_module.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
+                with sync:
+                    with self._autocast():  # the losses themselves are computed in fp32
+                        loss, losses = self.step_module(images, labels, lr, epoch)
+                    self.scaler.scale(loss / c.accumulate).backward()
+                for k, v in losses.items():
+                    parts[k] = parts.get(k, 0) + v / c.accumulate
+            if c.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                clip_gradients(self.model, c.optimizer, c.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return lr, parts
 
     def _reduce(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -414,8 +422,9 @@ class Trainer:
         predict = self.predict or whole_image_predictor(align_corners=self.config.align_corners)
         self.model.eval()
         try:
-            metrics, n = evaluate(lambda image: predict(self.model, image), self.val_set, progress=False,
-                                  distributed=self.world > 1)
+            with self._numerics():
+                metrics, n = evaluate(lambda image: predict(self.model, image), self.val_set, progress=False,
+                                      distributed=self.world > 1)
         finally:
             self.model.train()
         record = {"iteration": self.iteration, "miou": metrics.miou, "aacc": metrics.aacc, "macc": metrics.macc,
