@@ -1,6 +1,7 @@
 """Inference speed and memory: segtorch vs the SSSegmentation toolbox, same weights and input, side by side.
 
     python benchmarks/speed.py [--repeats 3] [--threads 2] [--skip-memory] [--device cpu|cuda] [--onnx]
+                               [--cases tta,memory,gpu] [--scale 1.0]
 
 Cases (weights are random, seeded; both sides load the same state dict):
   tta       PSPNet R-50-D8 ADE20K, 300x420 image, slide 256x256 stride 171, scales 0.75/1/1.25 + flip
@@ -9,7 +10,13 @@ Cases (weights are random, seeded; both sides load the same state dict):
             bf16 (only where the CPU has AVX512-BF16/AMX; said clearly when skipped) and torch.compile.
   memory    peak resident memory of a 2048x1024 slide inference (crop 512x1024, stride 341x683, 19 classes,
             PSPNet R-50-D8 Cityscapes), each side in a fresh process.
-  gpu       with --device cuda: batched crops under fp16 autocast vs the toolbox in fp32.
+  gpu       the device cases (default with --device cuda; --cases gpu elsewhere), both sides on --device, the
+            toolbox with its test script's settings (TF32 off): Cityscapes 1024x2048 slide (PSPNet R-50-D8, crop
+            512x1024, stride 341x683), ADE20K 512x683 whole and slide 512/341 + its six scales + flip (PSPNet
+            R-50-D8 ADE20K). segtorch fp32, then each reduced precision the device offers (CUDA: fp16, bf16)
+            with cuDNN's autotuning off and on: time, ratio to the toolbox's fp32 (target >= 5x with AMP on a
+            GPU), label agreement with fp32, peak GPU memory of each side. --scale shrinks every size (a quick
+            run of the code on the CPU: tests/test_benchmarks.py).
   onnx      with --onnx: the tta case's model exported by ``segtorch export`` and run by onnxruntime (CPU,
             same threads) through the same ``Segmenter.logits``, beside eager fp32: times, ratio, agreement.
 Timings are interleaved (toolbox, segtorch, toolbox, ...) and the median is reported with the ratio.
@@ -32,7 +39,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 
 import segtorch  # noqa: E402
-from segtorch.inference.precision import cpu_supports_bf16, describe_cpu  # noqa: E402
+from segtorch.inference.precision import (cpu_supports_bf16, describe_cpu, reduced_precisions,  # noqa: E402
+                                         toolbox_cuda_numerics)
 from segtorch.testing import UPSTREAM_DIR, relative_error, seeded_input, seeded_state_dict  # noqa: E402
 
 TTA_NAME = "pspnet_resnet50os8_ade20k"
@@ -46,8 +54,9 @@ def toolbox_model(name: str, state: dict, inference: dict):
     cfg = copy.deepcopy(json.loads((UPSTREAM_DIR / "upstream_configs.json").read_text())["configs"][name]["segmentor_cfg"])
     cfg["backbone"]["pretrained"] = False
     cfg["norm_cfg"] = {"type": "BatchNorm2d"}
-    cfg["inference"]["forward"] = {"mode": inference["mode"], "cropsize": list(inference["crop_size"]),
-                                   "stride": list(inference["stride"])}
+    window = {k: list(inference[k]) if inference.get(k) else None for k in ("crop_size", "stride")}
+    cfg["inference"]["forward"] = {"mode": inference["mode"], "cropsize": window["crop_size"],
+                                   "stride": window["stride"]}
     cfg["inference"]["tta"] = {"multiscale": list(inference["scales"]), "flip": inference["flip"],
                                "use_probs_before_resize": False}
     model = BuildSegmentor(cfg, mode="TEST")
@@ -61,6 +70,12 @@ def toolbox_scores(model, x: torch.Tensor) -> torch.Tensor:
         outs = model.auginference(x)
         outs = [F.interpolate(o, size=x.shape[2:], mode="bilinear", align_corners=model.align_corners) for o in outs]
         return sum(outs) / len(outs)
+
+
+def as_toolbox(device, fn, *args):
+    """``fn(*args)`` under the toolbox's test-time numerics on ``device`` (its test script turns TF32 off)."""
+    with toolbox_cuda_numerics(device):
+        return fn(*args)
 
 
 class ForwardTimer(torch.nn.Module):
@@ -78,9 +93,17 @@ class ForwardTimer(torch.nn.Module):
         return out
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a wall-clock time covers it (nothing to wait for without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, *args):
+    synchronize()
     t0 = time.perf_counter()
     out = fn(*args)
+    synchronize()
     return out, time.perf_counter() - t0
 
 
@@ -114,14 +137,15 @@ def case_tta(args, have_toolbox: bool) -> None:
         seg = segtorch.load(TTA_NAME, checkpoint=ckpt, device=args.device)
     x = seeded_input((1, 3, 300, 420)).to(args.device)
     ours = lambda: seg.logits(x, **TTA)  # noqa: E731
-    ref = toolbox_model(TTA_NAME, state, TTA) if have_toolbox else None
+    # both sides on --device, the toolbox with its test script's numerics (TF32 off on a GPU)
+    ref = toolbox_model(TTA_NAME, state, TTA).to(args.device) if have_toolbox else None
     times = {"toolbox": [], "segtorch": []}
     ours()  # warm-up (allocator, oneDNN primitive caches) for both sides
     if ref is not None:
-        toolbox_scores(ref, x.cpu())
+        as_toolbox(args.device, toolbox_scores, ref, x)
     for _ in range(args.repeats):
         if ref is not None:
-            ref_out, t = timed(toolbox_scores, ref, x.cpu())
+            ref_out, t = timed(as_toolbox, args.device, toolbox_scores, ref, x)
             times["toolbox"].append(t)
         our_out, t = timed(ours)
         times["segtorch"].append(t)
@@ -149,15 +173,15 @@ def case_tta(args, have_toolbox: bool) -> None:
         from segtorch.testing import reference_logits
 
         # the toolbox's own network over the same crops, one at a time as its slide inference runs them
-        bare = ForwardTimer(lambda crops: torch.cat([reference_logits(ref, c[None]) for c in crops.cpu()]))
-        with torch.inference_mode():
-            infer_logits(bare, x.cpu(), num_classes=seg.card.num_classes, align_corners=False, **settings)
+        bare = ForwardTimer(lambda crops: torch.cat([reference_logits(ref, c[None]) for c in crops]))
+        with torch.inference_mode(), toolbox_cuda_numerics(args.device):
+            infer_logits(bare, x, num_classes=seg.card.num_classes, align_corners=False, **settings)
         print(f"toolbox bare crop forwards: {bare.seconds:.2f} s; segtorch / bare: "
               f"{med['segtorch'] / bare.seconds:.2f} (target <= 0.95)")
         print(f"toolbox fp32:  {med['toolbox']:.2f} s (runs {', '.join(f'{t:.2f}' for t in times['toolbox'])})")
         print(f"ratio toolbox / segtorch (fp32): {med['toolbox'] / med['segtorch']:.2f}x (target >= 1.3x); "
-              f"relative error {relative_error(our_out.cpu(), ref_out):.1e}, label agreement "
-              f"{agreement(our_out.cpu(), ref_out):.3f}%")
+              f"relative error {relative_error(our_out.cpu(), ref_out.cpu()):.1e}, label agreement "
+              f"{agreement(our_out.cpu(), ref_out.cpu()):.3f}%")
     if args.device == "cpu" and not cpu_supports_bf16():
         print("bf16: SKIPPED -- this CPU has neither avx512_bf16 nor amx_bf16 (bf16 would be emulated, slower)")
     else:
@@ -206,6 +230,94 @@ def case_onnx(args) -> None:
         print(f"{k:<12} {med[k]:.2f} s (runs {', '.join(f'{t:.2f}' for t in v)})")
     print(f"ratio eager / onnxruntime: {med['eager'] / med['onnxruntime']:.2f}x; relative error "
           f"{relative_error(ort_out, eager_out):.1e}, label agreement {agreement(ort_out, eager_out):.3f}%")
+
+
+# (checkpoint, H x W of the image, test procedure) of the device cases
+GPU_CASES = {
+    "cityscapes 1024x2048 slide": (MEM_NAME, (1024, 2048), {"mode": "slide", "crop_size": (512, 1024),
+                                                            "stride": (341, 683), "scales": (1.0,), "flip": False}),
+    "ade20k 512x683 whole": (TTA_NAME, (512, 683), {"mode": "whole", "crop_size": None, "stride": None,
+                                                    "scales": (1.0,), "flip": False}),
+    "ade20k 512x683 slide + ms + flip": (TTA_NAME, (512, 683), {"mode": "slide", "crop_size": (512, 512),
+                                                                "stride": (341, 341),
+                                                                "scales": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+                                                                "flip": True}),
+}
+
+
+def scaled(size, scale: float):
+    """A size (or None) times ``scale``, each side a multiple of 8 and at least 32."""
+    return None if size is None else tuple(max(32, int(round(v * scale / 8)) * 8) for v in size)
+
+
+def peak_memory(fn, device):
+    """(fn's result, seconds, peak GPU memory in MiB that fn allocated, None off CUDA)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    out, seconds = timed(fn)
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
+    return out, seconds, peak
+
+
+def case_gpu(args, have_toolbox: bool) -> None:
+    """The device cases: the toolbox in fp32 against segtorch in fp32 and with AMP, both on --device."""
+    device = torch.device(args.device)
+    autotune = [False, True] if device.type == "cuda" else [False]  # cuDNN's autotuning: a GPU switch
+    for title, (name, size, inference) in GPU_CASES.items():
+        size = scaled(size, args.scale)
+        inference = {**inference, "crop_size": scaled(inference["crop_size"], args.scale),
+                     "stride": scaled(inference["stride"], args.scale)}
+        print(f"\n== {device.type}: {title} (scale {args.scale:g}: {size[0]}x{size[1]}), {name} ==")
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = random_checkpoint(name, Path(tmp))
+            state = torch.load(ckpt, weights_only=True)["model"]
+            seg = segtorch.load(name, checkpoint=ckpt, device=device)
+        x = seeded_input((1, 3, *size)).to(device)
+        rows = {}  # label -> (seconds, peak MiB, scores)
+
+        def run(label, fn):
+            fn()  # warm-up: cuDNN's autotuning, allocator and kernel caches
+            results = [peak_memory(fn, device) for _ in range(args.repeats)]
+            rows[label] = (statistics.median(r[1] for r in results), max((r[2] or 0) for r in results)
+                           if device.type == "cuda" else None, results[-1][0].float().cpu())
+
+        if have_toolbox:
+            ref = toolbox_model(name, state, inference).to(device)
+            run("toolbox fp32", lambda: as_toolbox(device, toolbox_scores, ref, x))
+            del ref
+        del state
+        run("segtorch fp32", lambda: seg.logits(x, **inference))
+        for precision in reduced_precisions(device):
+            fast = segtorch.Segmenter(seg.model, seg.card, device=device, precision=precision)
+            for tune in autotune:
+                label = f"segtorch {precision}" + ((" autotuned" if tune else " heuristic")
+                                                   if device.type == "cuda" else "")
+                previous = torch.backends.cudnn.benchmark
+                torch.backends.cudnn.benchmark = tune
+                try:
+                    run(label, lambda: fast.logits(x, **inference))
+                finally:
+                    torch.backends.cudnn.benchmark = previous
+        base = rows.get("toolbox fp32")
+        fp32 = rows["segtorch fp32"][2]
+        for label, (seconds, peak, scores) in rows.items():
+            line = f"  {label:<28} {seconds:8.3f} s"
+            if peak is not None:
+                line += f"  peak {peak:8.0f} MiB"
+            if base is not None and label != "toolbox fp32":
+                line += f"  {base[0] / seconds:5.2f}x the toolbox"
+                if peak is not None and base[1]:
+                    line += f", {peak / base[1]:.2f} of its memory"
+            if label.startswith("segtorch") and label != "segtorch fp32":
+                line += f"; agreement with fp32 {agreement(scores, fp32):.3f}%"
+            elif label == "segtorch fp32" and base is not None:
+                line += f"; relative error to the toolbox {relative_error(scores, base[2]):.1e}"
+            print(line)
+        if not reduced_precisions(device):
+            print(f"  reduced precision: SKIPPED -- {describe_cpu()}")
 
 
 MEMORY_CHILD = r"""
@@ -269,7 +381,16 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print where segtorch's fp32 time goes, by operator")
     ap.add_argument("--onnx", action="store_true", help="also time onnxruntime (CPU) on the tta case")
+    ap.add_argument("--cases", help="comma-separated, of tta, memory, gpu (default: tta,memory on the CPU, "
+                                    "gpu on a GPU)")
+    ap.add_argument("--scale", type=float, default=1.0, help="the gpu cases' sizes times this")
     args = ap.parse_args()
+    default = "gpu" if torch.device(args.device).type == "cuda" else "tta,memory"
+    cases = set((args.cases or default).split(","))
+    if cases - {"tta", "memory", "gpu"}:
+        ap.error(f"--cases {args.cases!r}: choose from tta, memory, gpu")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}; CPU: {describe_cpu()}; threads {args.threads}; device {args.device}")
     if args.device.startswith("cuda"):
@@ -280,11 +401,18 @@ def main() -> None:
     except ImportError:
         have_toolbox = False
         print("the toolbox (ssseg) is not importable: its side and the ratios are skipped")
-    case_tta(args, have_toolbox)
+    if "tta" in cases:
+        case_tta(args, have_toolbox)
     if args.onnx:
         case_onnx(args)
-    if not args.skip_memory and args.device == "cpu":
-        case_memory(args, have_toolbox)
+    if "memory" in cases and not args.skip_memory:
+        if args.device == "cpu":
+            case_memory(args, have_toolbox)
+        else:
+            print("\nmemory (peak resident memory of the CPU process): SKIPPED on a GPU; the gpu cases print "
+                  "peak GPU memory")
+    if "gpu" in cases:
+        case_gpu(args, have_toolbox)
 
 
 if __name__ == "__main__":
