@@ -19,7 +19,8 @@ Cases (weights are random, seeded; both sides load the same state dict):
             run of the code on the CPU: tests/test_benchmarks.py).
   onnx      with --onnx: the tta case's model exported by ``segtorch export`` and run by onnxruntime (CPU,
             same threads) through the same ``Segmenter.logits``, beside eager fp32: times, ratio, agreement.
-Timings are interleaved (toolbox, segtorch, toolbox, ...) and the median is reported with the ratio.
+The tta case's timings are interleaved (toolbox, segtorch, toolbox, ...); the device cases time each side's
+--repeats in turn after a warm-up call. Medians are reported with the ratios.
 """
 from __future__ import annotations
 
@@ -39,8 +40,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 
 import segtorch  # noqa: E402
-from segtorch.inference.precision import (cpu_supports_bf16, describe_cpu, reduced_precisions,  # noqa: E402
-                                         toolbox_cuda_numerics)
+from segtorch.inference.precision import describe_cpu, reduced_precisions, toolbox_cuda_numerics  # noqa: E402
 from segtorch.testing import UPSTREAM_DIR, relative_error, seeded_input, seeded_state_dict  # noqa: E402
 
 TTA_NAME = "pspnet_resnet50os8_ade20k"
@@ -182,11 +182,11 @@ def case_tta(args, have_toolbox: bool) -> None:
         print(f"ratio toolbox / segtorch (fp32): {med['toolbox'] / med['segtorch']:.2f}x (target >= 1.3x); "
               f"relative error {relative_error(our_out.cpu(), ref_out.cpu()):.1e}, label agreement "
               f"{agreement(our_out.cpu(), ref_out.cpu()):.3f}%")
-    if args.device == "cpu" and not cpu_supports_bf16():
+    reduced = reduced_precisions(args.device)  # the CPU: bf16 with AVX512-BF16/AMX; CUDA: fp16 first
+    if not reduced:
         print("bf16: SKIPPED -- this CPU has neither avx512_bf16 nor amx_bf16 (bf16 would be emulated, slower)")
     else:
-        fast = segtorch.Segmenter(seg.model, seg.card, device=args.device,
-                                  precision="bf16" if args.device == "cpu" else "fp16")
+        fast = segtorch.Segmenter(seg.model, seg.card, device=args.device, precision=reduced[0])
         fast.logits(x, **TTA)
         out16, t16 = median_time(lambda: fast.logits(x, **TTA), args.repeats)
         line = (f"{fast.precision}: {t16:.2f} s; accuracy cost: label agreement with fp32 "
