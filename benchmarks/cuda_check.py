@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from segtorch.argtypes import int_pair, model_name
 from segtorch.inference.precision import describe_cpu, reduced_precisions
 from segtorch.testing import FAMILY_CHECKPOINTS, device_fidelity
 
@@ -26,13 +27,14 @@ FACTOR, FLOOR = 2.0, 1e-5
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--names", nargs="*", default=list(FAMILY_CHECKPOINTS))
-    ap.add_argument("--size", default="97x75", help="H x W of the input (odd sizes exercise the padding)")
+    ap.add_argument("--names", nargs="*", type=model_name, default=list(FAMILY_CHECKPOINTS))
+    ap.add_argument("--size", type=int_pair, default="97x75",
+                    help="H x W of the input (odd sizes exercise the padding)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("cuda_check: torch sees no CUDA device here; run it where there is one, or pass --device cpu")
-    h, w = map(int, args.size.lower().split("x"))
+    h, w = args.size
     reduced = reduced_precisions(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu()
     print(f"torch {torch.__version__}; {device}: {where}; input {h}x{w}; reduced precisions: "

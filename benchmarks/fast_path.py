@@ -16,12 +16,13 @@ import time
 import torch
 
 import segtorch  # noqa: E402
+from segtorch.argtypes import int_pair, model_name, nonnegative_int, positive_int  # noqa: E402
 from segtorch.inference.fuse import fold_batchnorm  # noqa: E402
 from segtorch.segmenter import ChannelsLast  # noqa: E402
 from segtorch.testing import relative_error, seeded_input, seeded_state_dict  # noqa: E402
 
 NAMES = ["pspnet_resnet50os8_ade20k", "pspnet_resnet101os8_ade20k", "isnet_resnest101os8_ade20k",
-         "mcibi_deeplabv3_hrnetv2w48_ade20k", "upernet_vitlarge_ade20k", "upernet_swinlarge_ade20k"]
+         "mcibi_deeplabv3_hrnetv2w48_ade20k", "mcibi_deeplabv3_vitlarge_ade20k", "upernet_swinlarge_ade20k"]
 
 
 def timed(fn, x, repeats):
@@ -58,13 +59,13 @@ def measure(name: str, shape, repeats: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="97x75", help="HxW of the input")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant (0: accuracy only)")
-    ap.add_argument("--names", nargs="*", default=NAMES)
+    ap.add_argument("--size", type=int_pair, default="97x75", help="H x W of the input")
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--repeats", type=nonnegative_int, default=2, help="timed runs per variant (0: accuracy only)")
+    ap.add_argument("--names", nargs="*", type=model_name, default=NAMES)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    h, w = map(int, args.size.lower().split("x"))
+    h, w = args.size
     for name in args.names:
         measure(name, (1, 3, h, w), args.repeats)
 

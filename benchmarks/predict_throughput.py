@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from segtorch.argtypes import int_pair, nonnegative_int, positive_int
 from segtorch.cli.process_tuning import tune_own_process
 
 # the forwards are timed under the settings the command gives a process of its own (set before torch loads)
@@ -86,20 +87,20 @@ def forward_timer(paths: list[Path], batch_size: int, device: torch.device):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=48)
-    ap.add_argument("--size", default="640x480", help="W x H")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--images", type=positive_int, default=48)
+    ap.add_argument("--size", type=int_pair, default="640x480", help="W x H")
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--workers", type=nonnegative_int, default=2)
+    ap.add_argument("--batch-size", type=positive_int, default=4)
     ap.add_argument("--outputs", default="labels,color,overlay")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each, interleaved; medians compared")
+    ap.add_argument("--repeat", type=positive_int, default=3, help="runs of each, interleaved; medians compared")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (both sides)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device here")
     torch.set_num_threads(args.threads)
-    w, h = map(int, args.size.lower().split("x"))
+    w, h = args.size
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
@@ -113,7 +114,7 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
         forwards_once = forward_timer(paths, args.batch_size, device)
         commands, walls, forwards = [], [], []
-        for _ in range(max(1, args.repeat)):
+        for _ in range(args.repeat):
             t0 = time.perf_counter()
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             walls.append(time.perf_counter() - t0)

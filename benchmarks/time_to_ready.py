@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from segtorch.argtypes import model_name, positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SEGTORCH = """
@@ -65,8 +67,8 @@ def run(code: str) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--name", default="pspnet_resnet101os8_ade20k")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--name", type=model_name, default="pspnet_resnet101os8_ade20k")
+    ap.add_argument("--repeats", type=positive_int, default=3)
     args = ap.parse_args()
     import torch
 

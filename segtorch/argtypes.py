@@ -32,6 +32,25 @@ def positive_float(text: str) -> float:
     return value
 
 
+def model_name(text: str) -> str:
+    """A model name or alias segtorch knows; its canonical name."""
+    from .errors import UnknownModelError
+    from .registry import resolve_name
+
+    try:
+        return resolve_name(text)
+    except UnknownModelError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def int_pair(text: str) -> tuple[int, int]:
+    """Two positive integers written "AxB" (an image size, in the order the option's help gives)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdecimal() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"must be two positive integers written AxB, e.g. 97x75, not {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def _int(text: str) -> int:
     try:
         return int(text)

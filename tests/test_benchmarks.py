@@ -55,3 +55,29 @@ def test_cuda_check_runs_on_the_cpu():
     if not torch.cuda.is_available():
         out = run_benchmark("cuda_check.py")
         assert out.returncode == 1 and "torch sees no CUDA device" in out.stderr
+
+
+def test_fast_path_runs_and_its_default_names_exist():
+    import runpy
+
+    names = runpy.run_path(str(ROOT / "benchmarks" / "fast_path.py"))["NAMES"]  # not __main__: nothing runs
+    from segtorch.registry import resolve_name
+
+    for name in names:
+        resolve_name(name)  # an unknown name raises
+    out = run_benchmark("fast_path.py", "--repeats", "0", "--size", "33x41", "--names", "pspnet_resnet50os8_ade20k")
+    assert out.returncode == 0, out.stderr
+    assert "pspnet_resnet50os8_ade20k 33x41: plain NCHW error" in out.stdout
+    assert out.stdout.count("x plain)") == 4
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("fast_path.py", ["--names", "pspnet_resnet50_ade20k"], "argument --names: unknown model 'pspnet_resnet50_ade20k'"),
+    ("cuda_check.py", ["--size", "97x"], "argument --size: must be two positive integers written AxB"),
+    ("time_to_ready.py", ["--name", "PSPNet"], "argument --name: 'PSPNet' is not a model name"),
+    ("predict_throughput.py", ["--size", "640x0"], "argument --size: must be two positive integers written AxB"),
+    ("predict_throughput.py", ["--repeat", "0"], "argument --repeat: must be a positive integer, got 0"),
+])
+def test_benchmarks_refuse_bad_arguments_in_one_line(script, args, message):
+    out = run_benchmark(script, *args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
