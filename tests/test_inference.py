@@ -662,6 +662,34 @@ def test_benchmarks_name_the_cpu_kind(monkeypatch):
     assert precision_mod.describe_cpu() == "unknown CPU; flags: unknown; bf16 fast path: no"
 
 
+def test_kernel_caps_are_named_and_bound_bf16(monkeypatch):
+    """A benchmark run with another CPU kind's kernels (ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY) says so in its
+    header, and bf16 is not offered where oneDNN is capped below its bf16 kernels (it would be emulated)."""
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(var, raising=False)
+    info = {"model name": "AMD EPYC", "cpu family": "26", "model": "2", "flags": "avx2 fma avx512f avx512_bf16"}
+    monkeypatch.setattr(precision_mod, "_cpuinfo", lambda: info)
+    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset(info["flags"].split()))
+    assert precision_mod.kernel_caps() == "" and precision_mod.cpu_supports_bf16()
+    for uncapped in ("ALL", "DEFAULT", "avx512_core_amx", "AVX512_CORE_BF16", "NONSENSE"):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", uncapped)
+        assert precision_mod.cpu_supports_bf16(), uncapped
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert precision_mod.kernel_caps() == "oneDNN AVX2, ATen avx2"
+    assert not precision_mod.cpu_supports_bf16() and precision_mod.reduced_precisions("cpu") == ()
+    assert precision_mod.describe_cpu() == (
+        "AMD EPYC (family 26 model 2); flags: avx2 avx512_bf16 avx512f fma; bf16 fast path: no; kernels capped to "
+        "oneDNN AVX2, ATen avx2: another CPU kind's instruction set on this CPU's cores, caches and clocks")
+    with pytest.raises(segtorch.UsageError, match="caps them to AVX2 .ONEDNN_MAX_CPU_ISA.; unset it or use 'fp32'"):
+        autocast_context("cpu", "bf16")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE_VNNI")  # oneDNN's older name; an Intel Cascade Lake
+    assert not precision_mod.cpu_supports_bf16()
+    assert precision_mod.kernel_caps() == "oneDNN AVX512_CORE_VNNI, ATen avx2"
+
+
 def test_fold_pairs_need_no_source_files(monkeypatch):
     """From a wheel, a zip or .pyc files there is no source to read: folding must find the same pairs."""
     import inspect

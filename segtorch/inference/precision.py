@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -39,17 +40,53 @@ def cpu_flags() -> frozenset[str]:
 
 def describe_cpu() -> str:
     """The CPU's name, family/model numbers (which tell CPU generations apart where the name does not, e.g.
-    AMD family 25 is Zen 3/4, 26 is Zen 5) and its vector flags, for benchmark headers."""
+    AMD family 25 is Zen 3/4, 26 is Zen 5), its vector flags and any cap on the kernels' instruction set, for
+    benchmark headers."""
     info = _cpuinfo()
     vector = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
     name = info.get("model name", "unknown CPU")
     if "cpu family" in info:
         name += f" (family {info['cpu family']} model {info.get('model', '?')})"
-    return f"{name}; flags: {' '.join(vector) or 'unknown'}; bf16 fast path: {'yes' if cpu_supports_bf16() else 'no'}"
+    text = f"{name}; flags: {' '.join(vector) or 'unknown'}; bf16 fast path: {'yes' if cpu_supports_bf16() else 'no'}"
+    caps = kernel_caps()
+    if caps:
+        text += (f"; kernels capped to {caps}: another CPU kind's instruction set on this CPU's cores, caches "
+                 "and clocks")
+    return text
+
+
+# oneDNN's instruction-set levels, lowest first: ONEDNN_MAX_CPU_ISA (older name DNNL_MAX_CPU_ISA) caps its
+# kernels (convolutions, matmuls, bf16) to one of them; ALL, DEFAULT or another value leave them uncapped
+_ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_1_512_AMX", "AVX512_CORE_AMX",
+                "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16")
+
+
+def onednn_isa_cap() -> str | None:
+    """The instruction set the environment caps oneDNN's kernels to, or None (uncapped). oneDNN reads the
+    variable once, at its first use in the process."""
+    value = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    value = value.strip().upper()
+    return value if value in _ONEDNN_ISAS else None
+
+
+def kernel_caps() -> str:
+    """The caps set on the CPU kernels' instruction set, as "oneDNN AVX2, ATen avx2" ("" where none): how a
+    benchmark runs another CPU kind's kernels on this machine (e.g. ``ONEDNN_MAX_CPU_ISA=AVX2
+    ATEN_CPU_CAPABILITY=avx2`` for an AVX2-only CPU)."""
+    caps = []
+    if onednn_isa_cap():
+        caps.append(f"oneDNN {onednn_isa_cap()}")
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        caps.append(f"ATen {torch.backends.cpu.get_cpu_capability().lower()}")
+    return ", ".join(caps)
 
 
 def cpu_supports_bf16() -> bool:
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    """Whether bf16 runs fast here: AVX512-BF16 or AMX, and oneDNN not capped below them."""
+    cap = onednn_isa_cap()
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}) and (
+        cap is None or _ONEDNN_ISAS.index(cap) >= _ONEDNN_ISAS.index("AVX512_CORE_BF16"))
 
 
 def check_precision(device: torch.device | str, precision: str) -> None:
@@ -69,6 +106,10 @@ def check_precision(device: torch.device | str, precision: str) -> None:
             raise UsageError("precision 'fp16' is only offered on CUDA; on the CPU use 'bf16' (with "
                                "AVX512-BF16 or AMX) or 'fp32'")
         if not cpu_supports_bf16():
+            if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+                raise UsageError(f"precision 'bf16' on the CPU needs oneDNN's AVX512_CORE_BF16 kernels or newer, "
+                                 f"and the environment caps them to {onednn_isa_cap()} (ONEDNN_MAX_CPU_ISA); "
+                                 "unset it or use 'fp32'")
             raise UsageError("precision 'bf16' on the CPU needs AVX512-BF16 or AMX (flags avx512_bf16 / "
                                "amx_bf16 are not in /proc/cpuinfo); use 'fp32'")
         return
