@@ -40,7 +40,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 
 import segtorch  # noqa: E402
-from segtorch.inference.precision import describe_cpu, reduced_precisions, toolbox_cuda_numerics  # noqa: E402
+from segtorch.errors import UsageError  # noqa: E402
+from segtorch.inference.precision import (check_precision, describe_cpu, reduced_precisions,  # noqa: E402
+                                         toolbox_cuda_numerics)
 from segtorch.testing import UPSTREAM_DIR, relative_error, seeded_input, seeded_state_dict  # noqa: E402
 
 TTA_NAME = "pspnet_resnet50os8_ade20k"
@@ -184,7 +186,10 @@ def case_tta(args, have_toolbox: bool) -> None:
               f"{agreement(our_out.cpu(), ref_out.cpu()):.3f}%")
     reduced = reduced_precisions(args.device)  # the CPU: bf16 with AVX512-BF16/AMX; CUDA: fp16 first
     if not reduced:
-        print("bf16: SKIPPED -- this CPU has neither avx512_bf16 nor amx_bf16 (bf16 would be emulated, slower)")
+        try:  # the reason, as segtorch gives it (no bf16 flags, or oneDNN capped below its bf16 kernels)
+            check_precision(args.device, "bf16")
+        except UsageError as e:
+            print(f"bf16: SKIPPED -- {e}")
     else:
         fast = segtorch.Segmenter(seg.model, seg.card, device=args.device, precision=reduced[0])
         fast.logits(x, **TTA)

@@ -90,8 +90,9 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     onnxruntime), or a URL; by default the card's weights are fetched (Hugging Face mirror first, then the GitHub
     release) and cached. ``precision="bf16"/"fp16"`` (autocast
     over float32 weights) and ``compile=True`` are opt-in speed; fp32 reproduces the toolbox's outputs.
-    ``fuse_bn`` folds BatchNorm into the convolution before it (``seg.model``'s state dict then differs from
-    the toolbox's layout); ``channels_last`` runs ``predict``/``logits`` in NHWC layout. Both change only
+    ``fuse_bn`` folds BatchNorm into the convolution before it, and splits the pyramid pooling bottleneck's
+    convolution by its inputs (``seg.model``'s state dict then differs from the toolbox's layout);
+    ``channels_last`` runs ``predict``/``logits`` in NHWC layout. Both change only
     float32 rounding; None = the backbone's measured default (``segtorch.inference.fast_path``), and off
     with ``auxiliary`` (fine-tuning).
     """
@@ -115,9 +116,12 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
         channels_last = not auxiliary and channels_last_default
     if fuse_bn:
         from .inference.fuse import fold_batchnorm
+        from .models.heads.psp import split_pyramid_bottlenecks
 
         # folded straight into the layout the model runs in: one pass over the weights, not two
-        fold_batchnorm(model, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        fold_batchnorm(model, memory_format=memory_format)
+        split_pyramid_bottlenecks(model, memory_format)
     return Segmenter(model.to(device), card, device=device, precision=precision, compile=compile,
                      channels_last=channels_last)
 

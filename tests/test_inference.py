@@ -559,6 +559,53 @@ def test_fold_batchnorm_leaves_the_loaded_tensors_alone_and_writes_the_asked_lay
 
 
 
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_split_pyramid_bottleneck_is_the_same_function(align_corners, monkeypatch):
+    """The split bottleneck (the pooled branches' share computed at their own scale, upsampled and shifted by
+    matrices) computes the concatenated 3x3 convolution: equal in float64 at sizes the pooled maps are
+    smaller and larger than, in both layouts; while exporting, the merged weight runs the original way."""
+    from segtorch.models.heads import psp
+
+    torch.manual_seed(0)
+    ppm = psp.PyramidPoolingModule(16, 8, (1, 2, 3, 6), align_corners=align_corners).eval()
+    for m in ppm.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
+    fold_batchnorm(ppm)
+    reference = copy.deepcopy(ppm).double()
+    split = copy.deepcopy(ppm)
+    psp.split_pyramid_bottlenecks(split)
+    assert isinstance(split.bottleneck[0], psp.SplitBottleneckConv)
+    assert torch.equal(split.bottleneck[0].merged_weight(), ppm.bottleneck[0].weight)
+    split64 = copy.deepcopy(split).double()
+    with torch.no_grad():
+        for shape in [(2, 16, 13, 9), (1, 16, 4, 5), (1, 16, 1, 1), (1, 16, 32, 7)]:
+            x = torch.randn(shape, dtype=torch.float64)
+            expected = reference(x)
+            for layout in (torch.contiguous_format, torch.channels_last):
+                got = split64.to(memory_format=layout)(x.contiguous(memory_format=layout))
+                assert (got - expected).abs().max().item() < 1e-12, (shape, layout)
+            monkeypatch.setattr(psp, "exporting_to_onnx", lambda: True)
+            x32 = x.float()
+            assert torch.equal(split.to(memory_format=torch.contiguous_format)(x32), ppm(x32))
+            monkeypatch.setattr(psp, "exporting_to_onnx", lambda: False)
+
+
+def test_load_splits_the_pyramid_bottleneck_only_on_the_fast_path(tmp_path):
+    from safetensors.torch import save_file
+
+    from segtorch.models.heads.psp import SplitBottleneckConv
+
+    name = "upernet_resnet50os8_ade20k"
+    path = tmp_path / "w.safetensors"
+    save_file(seeded_state_dict(segtorch.create_model(name).state_dict()), str(path))
+    def split(seg):
+        return [isinstance(m, SplitBottleneckConv) for m in seg.model.modules()].count(True)
+
+    assert split(segtorch.load(name, checkpoint=path)) == 1
+    assert split(segtorch.load(name, checkpoint=path, fuse_bn=False)) == 0
+
+
 def test_fold_batchnorm_on_resnet_bottleneck():
     from segtorch.models.backbones.resnet import Bottleneck
 

@@ -1,6 +1,7 @@
 """PSPNet: the Pyramid Pooling Module on the last backbone stage, then a 1x1 classifier."""
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -67,10 +68,121 @@ class PyramidPoolingModule(nn.Module):
                                       norm_layer=norm_layer, act_layer=act_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.bottleneck[0]
+        if isinstance(conv, SplitBottleneckConv) and not exporting_to_onnx():
+            y = conv(x, [branch(x) for branch in self.branches], self.align_corners)
+            for layer in list(self.bottleneck)[1:]:  # norm (Identity once folded), activation
+                y = layer(y)
+            return y
         size = x.shape[2:]
         levels = [x] + [F.interpolate(branch(x), size=size, mode="bilinear", align_corners=self.align_corners)
                         for branch in self.branches]
         return self.bottleneck(torch.cat(levels, dim=1))
+
+    @torch.no_grad()
+    def split_bottleneck(self, memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        """Inference only: replace the bottleneck's convolution by ``SplitBottleneckConv`` (same function; the
+        state dict's layout changes, as with folded BatchNorm)."""
+        conv = self.bottleneck[0]
+        if isinstance(conv, nn.Conv2d) and conv.stride == (1, 1) and conv.groups == 1:
+            self.bottleneck[0] = SplitBottleneckConv(conv, len(self.branches), memory_format)
+
+
+def split_pyramid_bottlenecks(model: nn.Module, memory_format: torch.memory_format = torch.contiguous_format
+                              ) -> nn.Module:
+    """``split_bottleneck`` on every pyramid pooling module of ``model`` (PSPNet, UPerNet, and the heads that
+    choose the "ppm" context); returns ``model``, changed in place."""
+    for module in model.modules():
+        if isinstance(module, PyramidPoolingModule):
+            module.split_bottleneck(memory_format)
+    return model
+
+
+@functools.lru_cache(maxsize=256)
+def _tap_interpolation(out_size: int, in_size: int, kernel: int, padding: int, dilation: int,
+                       align_corners: bool) -> torch.Tensor:
+    """``(out_size, kernel * in_size)`` float64: for each tap ``t`` of a convolution along one axis, the
+    bilinear upsampling ``in_size -> out_size`` (``F.interpolate``'s source positions) shifted to that tap,
+    zero where the tap falls in the padding. Row ``o``, column ``t * in_size + i``: the weight of input ``i``
+    in the upsampled value that tap ``t`` reads at output ``o``."""
+    dst = torch.arange(out_size, dtype=torch.float64)
+    if align_corners:
+        src = dst * ((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
+    else:
+        src = ((dst + 0.5) * (in_size / out_size) - 0.5).clamp_min(0.0)
+    low = src.floor().long().clamp_max(in_size - 1)
+    high = (low + 1).clamp_max(in_size - 1)
+    frac = src - low
+    upsample = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    upsample.index_put_((rows, low), 1.0 - frac, accumulate=True)
+    upsample.index_put_((rows, high), frac, accumulate=True)
+    taps = torch.zeros(out_size, kernel, in_size, dtype=torch.float64)
+    for t in range(kernel):
+        offset = t * dilation - padding  # the tap reads the upsampled map at o + offset
+        lo, hi = max(0, -offset), min(out_size, out_size - offset)
+        if lo < hi:
+            taps[lo:hi, t] = upsample[lo + offset:hi + offset]
+    return taps.reshape(out_size, kernel * in_size)
+
+
+class SplitBottleneckConv(nn.Module):
+    """The pyramid pooling bottleneck's convolution, split by its input's parts: the backbone features, as
+    before, plus each pooled branch's share computed at the branch's own tiny scale.
+
+    conv(upsample(p)) = sum over the kernel's taps of shift(upsample(W_tap p)): both are linear, so each tap's
+    1x1 product runs on the s x s pooled map, and upsampling and shifting become two small matrix products
+    (``_tap_interpolation``). Exact in real arithmetic; in float32 as close to the float64 answer as the
+    concatenated convolution (tests/test_parity.py holds every PPM checkpoint to it). It skips half of the
+    bottleneck's input channels (PSPNet's 3x3 convolution over 4096 channels was 37% of its time), the
+    upsampled branches and their concatenation. While exporting, the merged weight runs the original way."""
+
+    def __init__(self, conv: nn.Conv2d, num_branches: int, memory_format: torch.memory_format):
+        super().__init__()
+        weight = conv.weight.detach()
+        out_channels, total_in, kh, kw = weight.shape
+        self.branch_channels = out_channels
+        self.in_channels = total_in - num_branches * out_channels
+        self.kernel_size, self.padding, self.dilation = conv.kernel_size, conv.padding, conv.dilation
+        self.weight = nn.Parameter(weight[:, :self.in_channels].contiguous(memory_format=memory_format),
+                                   requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+        # per branch, (out, kh, kw) x branch channels: one 1x1 convolution gives every tap's product at once;
+        # the branches stacked along the first axis (4-D, as Module.to(memory_format=...) needs)
+        self.num_branches = num_branches
+        taps = weight[:, self.in_channels:].reshape(out_channels, num_branches, out_channels, kh, kw)
+        self.branch_taps = nn.Parameter(taps.permute(1, 0, 3, 4, 2).reshape(
+            num_branches * out_channels * kh * kw, out_channels, 1, 1).contiguous(), requires_grad=False)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The original convolution's weight (``(out, in + branches * out, kh, kw)``)."""
+        nb, cb = self.num_branches, self.branch_taps.shape[1]
+        out, (kh, kw) = self.weight.shape[0], self.kernel_size
+        taps = self.branch_taps.reshape(nb, out, kh, kw, cb).permute(1, 0, 4, 2, 3).reshape(out, nb * cb, kh, kw)
+        return torch.cat([self.weight, taps.to(self.weight.dtype)], dim=1)
+
+    def forward(self, x: torch.Tensor, pooled: list[torch.Tensor] | None = None,
+                align_corners: bool = False) -> torch.Tensor:
+        if pooled is None:  # x: the concatenated levels (the export path)
+            return F.conv2d(x, self.merged_weight(), self.bias, padding=self.padding, dilation=self.dilation)
+        y = F.conv2d(x, self.weight, self.bias, padding=self.padding, dilation=self.dilation)
+        n, out, h, w = y.shape
+        (kh, kw), (ph, pw), (dh, dw) = self.kernel_size, self.padding, self.dilation
+        rows, shares = [], []
+        for p, taps in zip(pooled, self.branch_taps.chunk(self.num_branches)):
+            s, t = p.shape[2:]
+            prods = F.conv2d(p, taps).reshape(n, out, kh, kw, s, t)  # each tap's product at the pooled scale
+            cols = _tap_interpolation(w, t, kw, pw, dw, align_corners).to(prods)
+            # along the width: (n, out, kh * s, kw * t) @ (kw * t, w): rows still at the pooled scale
+            shares.append(torch.matmul(prods.permute(0, 1, 2, 4, 3, 5).reshape(n, out, kh * s, kw * t), cols.t()))
+            rows.append(_tap_interpolation(h, s, kh, ph, dh, align_corners))
+        share = torch.cat(shares, dim=2)  # (n, out, K, w), K = kh * (sum of the scales)
+        rows_all = torch.cat(rows, dim=1).to(share)  # (h, K)
+        if y.is_contiguous(memory_format=torch.channels_last):  # the sum in y's own (NHWC) layout
+            k = share.shape[2]
+            nhwc = torch.matmul(rows_all, share.permute(0, 2, 3, 1).reshape(n, k, w * out))
+            return y.add_(nhwc.view(n, h, w, out).permute(0, 3, 1, 2))
+        return y.add_(torch.matmul(rows_all, share))
 
 
 class PSPNet(SegmentationModel):
