@@ -92,7 +92,7 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     over float32 weights) and ``compile=True`` are opt-in speed; fp32 reproduces the toolbox's outputs.
     ``fuse_bn`` folds BatchNorm into the convolution before it, and splits the pyramid pooling bottleneck's
     convolution by its inputs (``seg.model``'s state dict then differs from the toolbox's layout);
-    ``channels_last`` runs ``predict``/``logits`` in NHWC layout. Both change only
+    ``channels_last`` runs ``predict``/``logits`` in NHWC layout. These change only
     float32 rounding; None = the backbone's measured default (``segtorch.inference.fast_path``), and off
     with ``auxiliary`` (fine-tuning).
     """

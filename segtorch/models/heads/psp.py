@@ -141,7 +141,6 @@ class SplitBottleneckConv(nn.Module):
         super().__init__()
         weight = conv.weight.detach()
         out_channels, total_in, kh, kw = weight.shape
-        self.branch_channels = out_channels
         self.in_channels = total_in - num_branches * out_channels
         self.kernel_size, self.padding, self.dilation = conv.kernel_size, conv.padding, conv.dilation
         self.weight = nn.Parameter(weight[:, :self.in_channels].contiguous(memory_format=memory_format),
