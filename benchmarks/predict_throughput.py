@@ -9,10 +9,10 @@ with the demo model (labels, colour map and overlay for each), and reads the tim
 and loading (its first batch, with oneDNN's one-off kernel generation, included). Then, in this process, times
 the same model's forward passes over the same preprocessed images in the same batches (after one warm-up
 batch), under the same process settings the command makes for itself (``segtorch/cli/process_tuning.py``:
-libgomp's and OpenBLAS's spins, glibc keeping freed blocks). Both are repeated --repeat times, interleaved,
-and the medians compared: on a shared 2-core machine single runs of either vary by 20%. The ratio command /
-forwards is the overhead of reading, resizing scores back, rendering and writing that the workers did not hide
-(goal: at most 2 on the CPU; on a GPU, issue 17 asks for 0.9 of the compute limit: a ratio of at most 1.11).
+libgomp's and OpenBLAS's spins, glibc keeping freed blocks, OpenCV's threads). Both are repeated --repeat times,
+interleaved, and the medians compared: on a shared 2-core machine single runs of either vary by 20%. The ratio
+command / forwards is the overhead of reading, resizing scores back, rendering and writing that the workers did
+not hide (goal: at most 2 on the CPU; on a GPU, issue 17 asks for 0.9 of the compute limit: a ratio of at most 1.11).
 With ``--device cuda`` both sides run there, the forwards timed to the GPU's completion.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from segtorch.argtypes import int_pair, nonnegative_int, positive_int
 from segtorch.cli.process_tuning import tune_own_process
 
 # the forwards are timed under the settings the command gives a process of its own (set before torch loads)
-SPIN_SET, BLAS_SPIN_SET, HEAP_KEPT = tune_own_process()
+SPIN_SET, BLAS_SPIN_SET, HEAP_KEPT, OPENCV_SEQUENTIAL = tune_own_process()
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,8 @@ def main() -> None:
     print(f"process settings, both sides: GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}"
           f"{'' if SPIN_SET else ' (yours)'}, OPENBLAS_THREAD_TIMEOUT="
           f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset')}{'' if BLAS_SPIN_SET else ' (yours)'}, "
-          f"freed blocks kept in the heap: {'yes' if HEAP_KEPT else 'no'}")
+          f"freed blocks kept in the heap: {'yes' if HEAP_KEPT else 'no'}, OpenCV's own threads: "
+          f"{'off' if OPENCV_SEQUENTIAL else 'as they were'}")
     command, forward, wall = (statistics.median(v) for v in (commands, forwards, walls))
     ratios = sorted(c / f for c, f in zip(commands, forwards))
     print(f"  command beyond start-up: {command:.3f} s median of {len(commands)} ({args.images / command:.1f} "

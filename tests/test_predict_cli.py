@@ -333,8 +333,8 @@ def test_model_takes_every_core(monkeypatch):
 @pytest.mark.parametrize("command", ["predict", "eval"])
 def test_a_fresh_command_process_is_tuned_and_one_that_uses_torch_is_not(command):
     """``segtorch predict``/``eval`` in a process of their own set libgomp's spin count, OpenBLAS's and glibc's
-    reuse of freed blocks before torch and OpenCV load; never over the user's own settings, never in a program
-    that already uses torch."""
+    reuse of freed blocks before torch and OpenCV load, and OpenCV's calls to run on their callers' threads;
+    never over the user's own settings, never in a program that already uses torch."""
     code = """
 import os, sys
 from segtorch.cli import process_tuning as tuning, main
@@ -343,21 +343,28 @@ real = tuning.keep_freed_memory
 tuning.keep_freed_memory = lambda: calls.append(real()) or calls[-1]
 if sys.argv[1] == "torch-loaded":
     import torch
+sequential = tuning.sequential_opencv
+tuning.sequential_opencv = lambda: calls.append(sequential()) or calls[-1]
 main(["predict", "/no/such/image.jpg"] if sys.argv[2] == "predict" else ["eval", "no_such_model"])
-print(os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OPENBLAS_THREAD_TIMEOUT"), calls)
+import cv2
+print(os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OPENBLAS_THREAD_TIMEOUT"), calls, cv2.getNumThreads())
 """
     def fresh(mode, **env):
         base = {k: v for k, v in __import__("os").environ.items()
-                if not k.startswith(("MALLOC_", "GOMP_", "OMP_WAIT", "OPENBLAS_")) and k != "GLIBC_TUNABLES"}
+                if not k.startswith(("MALLOC_", "GOMP_", "OMP_WAIT", "OPENBLAS_", "OPENCV_")) and k != "GLIBC_TUNABLES"}
         out = subprocess.run([sys.executable, "-c", code, mode, command], capture_output=True, text=True,
                              env={**base, **env})
         assert ("no such file or folder" if command == "predict" else "no_such_model") in out.stderr, out.stderr
         return out.stdout.strip()
 
     glibc = sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver())
-    assert fresh("fresh") == f"20000 4 [{glibc}]"
-    assert fresh("fresh", GOMP_SPINCOUNT="5", MALLOC_ARENA_MAX="2") == "5 4 [False]"  # the user's settings
-    assert fresh("fresh", OMP_WAIT_POLICY="passive") == f"None 4 [{glibc}]"
-    assert fresh("fresh", OPENBLAS_NUM_THREADS="1") == f"20000 None [{glibc}]"
-    assert fresh("fresh", GOTO_THREAD_TIMEOUT="8") == f"20000 None [{glibc}]"
-    assert fresh("torch-loaded") == "None None [False]"
+    # OpenCV sequential: getNumThreads() is 1; left alone, OPENCV_FOR_THREADS_NUM's or OpenCV's own default
+    opencv_default = subprocess.run([sys.executable, "-c", "import cv2; print(cv2.getNumThreads())"],
+                                    capture_output=True, text=True, check=True).stdout.strip()
+    assert fresh("fresh") == f"20000 4 [{glibc}, True] 1"
+    assert fresh("fresh", GOMP_SPINCOUNT="5", MALLOC_ARENA_MAX="2") == "5 4 [False, True] 1"  # the user's settings
+    assert fresh("fresh", OMP_WAIT_POLICY="passive") == f"None 4 [{glibc}, True] 1"
+    assert fresh("fresh", OPENBLAS_NUM_THREADS="1") == f"20000 None [{glibc}, True] 1"
+    assert fresh("fresh", GOTO_THREAD_TIMEOUT="8") == f"20000 None [{glibc}, True] 1"
+    assert fresh("fresh", OPENCV_FOR_THREADS_NUM="3") == f"20000 4 [{glibc}, False] 3"
+    assert fresh("torch-loaded") == f"None None [False, False] {opencv_default}"
