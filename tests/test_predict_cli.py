@@ -48,6 +48,21 @@ def test_predict_writes_outputs_and_reports_bad_files(tmp_path, checkpoint):
     assert (color == np.array(seg.card.palette, dtype=np.uint8)[labels]).all()
 
 
+def test_no_result_leaves_no_output_folder(tmp_path, checkpoint):
+    """Every input unusable: exit 1, one line each, and the output folders this run would have made (a new
+    nested ``--out``) are not left behind, empty; a folder that was there stays."""
+    (tmp_path / "notes.jpg").write_text("not an image")
+    out = tmp_path / "new" / "results"
+    res = run(tmp_path / "notes.jpg", "--model", NAME, "--checkpoint", checkpoint, "--out", out)
+    assert res.returncode == 1 and "notes.jpg: not an image file" in res.stderr
+    assert "0 of 1 inputs segmented" in res.stderr
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    res = run(tmp_path / "notes.jpg", "--model", NAME, "--checkpoint", checkpoint, "--out", kept)
+    assert res.returncode == 1 and kept.is_dir()
+
+
 def test_predict_folder_and_glob_errors(tmp_path, checkpoint):
     empty = tmp_path / "empty"
     empty.mkdir()

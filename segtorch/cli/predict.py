@@ -4,9 +4,10 @@ Each image gets ``<name>_labels.png`` (class indices; 16-bit when there are more
 ``<name>_color.png`` (the dataset's palette), ``<name>_overlay.png``, with ``--scores`` ``<name>_scores.png``
 (the per-pixel max class probability, 0-255) and with ``--legend`` ``<name>_legend.png``; ``--outputs``
 picks which. ``<name>`` is the file's stem, made unique where two inputs share it (``cat_jpg``/``cat_png``
-for files of one folder, input folders mirrored under ``--out`` otherwise). Every input is checked before a
-model is loaded; a missing, unreadable or non-image file gets a one-line error, the others are still
-processed, and the exit status is 1 if any failed. Worker threads read and preprocess ahead of the model (the
+for files of one folder, input folders mirrored under ``--out`` otherwise). Every input is checked to exist
+before a model is loaded; a missing, unreadable or non-image file gets a one-line error, the others are still
+processed, and the exit status is 1 if any failed (with no result at all, no new output folder is left behind).
+Worker threads read and preprocess ahead of the model (the
 first images while it loads) and write results behind it: between its forward passes when the model's threads
 take every core (a CPU device, by default), beside them otherwise (at a lower priority for a CPU model);
 equal-sized images share a forward pass. Files are written atomically. A process of its own is tuned first
@@ -14,6 +15,7 @@ equal-sized images share a forward pass. Files are written atomically. A process
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import importlib
@@ -127,6 +129,27 @@ def write_png(array, path: Path) -> None:
     from ..inference.png import encode_png
 
     atomic_write(path, encode_png(array), recomputable=True)
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(out: Path, created: list[Path]) -> None:
+    """Remove the folders under ``out`` that hold nothing (results' subfolders made for inputs that failed),
+    then those of ``created`` (``out`` and the parents this run made) that are empty; never a file."""
+    if created:
+        for folder, _, _ in sorted(os.walk(out), key=lambda entry: -len(entry[0])):
+            with contextlib.suppress(OSError):  # not empty (or gone): kept
+                os.rmdir(folder)
+    for folder in created[1:]:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _default_model() -> str:
@@ -312,7 +335,8 @@ def cmd_predict(args) -> int:
     reference = None
     if args.check_agreement and (args.precision != "fp32" or args.compile):
         reference = Segmenter(seg.model, seg.card, device=seg.device)  # same weights, fp32, not compiled
-    out.mkdir(parents=True, exist_ok=True)
+    created = _missing_folders(out)
+    out.mkdir(parents=True, exist_ok=True)  # here, so that a folder that cannot be made fails before any work
     print(f"{seg.card.name}: loaded in {time.perf_counter() - t0:.1f}s; writing to {out}/", file=sys.stderr)
     t_start = time.perf_counter()
     failed, agree, total = 0, 0, 0
@@ -371,6 +395,8 @@ def cmd_predict(args) -> int:
         readers.shutdown(cancel_futures=True)
         written = writer.done(report)
         bar.close()
+        if not written:  # no result: the folders this run made are not left behind, empty
+            _remove_empty(out, created)
     seconds = time.perf_counter() - t_start
     print(f"{written} of {len(files) + len(errors)} inputs segmented in {seconds:.2f}s "
           f"({written / max(seconds, 1e-9):.2f} images/s)", file=sys.stderr)
