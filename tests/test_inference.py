@@ -589,6 +589,15 @@ def test_split_pyramid_bottleneck_is_the_same_function(align_corners, monkeypatc
             x32 = x.float()
             assert torch.equal(split.to(memory_format=torch.contiguous_format)(x32), ppm(x32))
             monkeypatch.setattr(psp, "exporting_to_onnx", lambda: False)
+    # the interpolation matrices are cached; made first under inference_mode, autograd can still use them
+    psp._tap_interpolation.cache_clear()
+    x = torch.randn(1, 16, 11, 9, dtype=torch.float64)
+    with torch.inference_mode():
+        first = split64(x)
+    x.requires_grad_(True)
+    again = split64(x)
+    again.sum().backward()
+    assert torch.equal(again.detach(), first) and x.grad is not None
 
 
 def test_load_splits_the_pyramid_bottleneck_only_on_the_fast_path(tmp_path):

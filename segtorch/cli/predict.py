@@ -7,11 +7,10 @@ picks which. ``<name>`` is the file's stem, made unique where two inputs share i
 for files of one folder, input folders mirrored under ``--out`` otherwise). Every input is checked to exist
 before a model is loaded; a missing, unreadable or non-image file gets a one-line error, the others are still
 processed, and the exit status is 1 if any failed (with no result at all, no new output folder is left behind).
-Worker threads read and preprocess ahead of the model (the
-first images while it loads) and write results behind it: between its forward passes when the model's threads
-take every core (a CPU device, by default), beside them otherwise (at a lower priority for a CPU model);
-equal-sized images share a forward pass. Files are written atomically. A process of its own is tuned first
-(``process_tuning``).
+Worker threads read and preprocess ahead of the model (the first images while it loads) and write results
+behind it: between its forward passes when the model's threads take every core (a CPU device, by default),
+beside them otherwise (at a lower priority for a CPU model); equal-sized images share a forward pass. Files
+are written atomically. A process of its own is tuned first (``process_tuning``).
 """
 from __future__ import annotations
 
@@ -141,14 +140,13 @@ def _missing_folders(path: Path) -> list[Path]:
 
 
 def _remove_empty(out: Path, created: list[Path]) -> None:
-    """Remove the folders under ``out`` that hold nothing (results' subfolders made for inputs that failed),
-    then those of ``created`` (``out`` and the parents this run made) that are empty; never a file."""
-    if created:
-        for folder, _, _ in sorted(os.walk(out), key=lambda entry: -len(entry[0])):
-            with contextlib.suppress(OSError):  # not empty (or gone): kept
-                os.rmdir(folder)
-    for folder in created[1:]:
-        with contextlib.suppress(OSError):
+    """Where this run made ``out``: remove the empty folders under it (results' subfolders made for inputs that
+    failed), then ``out`` and the parents this run made (``created``) where empty; never a file."""
+    if not created:
+        return
+    folders = [Path(entry[0]) for entry in os.walk(out, topdown=False)] + created[1:]  # deepest first
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty (or gone): kept
             folder.rmdir()
 
 

@@ -100,30 +100,33 @@ def split_pyramid_bottlenecks(model: nn.Module, memory_format: torch.memory_form
 
 @functools.lru_cache(maxsize=256)
 def _tap_interpolation(out_size: int, in_size: int, kernel: int, padding: int, dilation: int,
-                       align_corners: bool) -> torch.Tensor:
-    """``(out_size, kernel * in_size)`` float64: for each tap ``t`` of a convolution along one axis, the
-    bilinear upsampling ``in_size -> out_size`` (``F.interpolate``'s source positions) shifted to that tap,
-    zero where the tap falls in the padding. Row ``o``, column ``t * in_size + i``: the weight of input ``i``
-    in the upsampled value that tap ``t`` reads at output ``o``."""
-    dst = torch.arange(out_size, dtype=torch.float64)
-    if align_corners:
-        src = dst * ((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
-    else:
-        src = ((dst + 0.5) * (in_size / out_size) - 0.5).clamp_min(0.0)
-    low = src.floor().long().clamp_max(in_size - 1)
-    high = (low + 1).clamp_max(in_size - 1)
-    frac = src - low
-    upsample = torch.zeros(out_size, in_size, dtype=torch.float64)
-    rows = torch.arange(out_size)
-    upsample.index_put_((rows, low), 1.0 - frac, accumulate=True)
-    upsample.index_put_((rows, high), frac, accumulate=True)
-    taps = torch.zeros(out_size, kernel, in_size, dtype=torch.float64)
-    for t in range(kernel):
-        offset = t * dilation - padding  # the tap reads the upsampled map at o + offset
-        lo, hi = max(0, -offset), min(out_size, out_size - offset)
-        if lo < hi:
-            taps[lo:hi, t] = upsample[lo + offset:hi + offset]
-    return taps.reshape(out_size, kernel * in_size)
+                       align_corners: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(out_size, kernel * in_size)``: for each tap ``t`` of a convolution along one axis, the bilinear
+    upsampling ``in_size -> out_size`` (``F.interpolate``'s source positions) shifted to that tap, zero where
+    the tap falls in the padding. Row ``o``, column ``t * in_size + i``: the weight of input ``i`` in the
+    upsampled value that tap ``t`` reads at output ``o``. Built in float64, kept in ``dtype`` on ``device``
+    (cached: a GPU's crops copy nothing from the host; an ordinary tensor even when first asked for under
+    ``inference_mode``, so that a later forward pass with autograd can use it)."""
+    with torch.inference_mode(False):
+        dst = torch.arange(out_size, dtype=torch.float64)
+        if align_corners:
+            src = dst * ((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
+        else:
+            src = ((dst + 0.5) * (in_size / out_size) - 0.5).clamp_min(0.0)
+        low = src.floor().long().clamp_max(in_size - 1)
+        high = (low + 1).clamp_max(in_size - 1)
+        frac = src - low
+        upsample = torch.zeros(out_size, in_size, dtype=torch.float64)
+        rows = torch.arange(out_size)
+        upsample.index_put_((rows, low), 1.0 - frac, accumulate=True)
+        upsample.index_put_((rows, high), frac, accumulate=True)
+        taps = torch.zeros(out_size, kernel, in_size, dtype=torch.float64)
+        for t in range(kernel):
+            offset = t * dilation - padding  # the tap reads the upsampled map at o + offset
+            lo, hi = max(0, -offset), min(out_size, out_size - offset)
+            if lo < hi:
+                taps[lo:hi, t] = upsample[lo + offset:hi + offset]
+        return taps.reshape(out_size, kernel * in_size).to(dtype=dtype, device=device)
 
 
 class SplitBottleneckConv(nn.Module):
@@ -171,12 +174,12 @@ class SplitBottleneckConv(nn.Module):
         for p, taps in zip(pooled, self.branch_taps.chunk(self.num_branches)):
             s, t = p.shape[2:]
             prods = F.conv2d(p, taps).reshape(n, out, kh, kw, s, t)  # each tap's product at the pooled scale
-            cols = _tap_interpolation(w, t, kw, pw, dw, align_corners).to(prods)
+            cols = _tap_interpolation(w, t, kw, pw, dw, align_corners, prods.dtype, prods.device)
             # along the width: (n, out, kh * s, kw * t) @ (kw * t, w): rows still at the pooled scale
             shares.append(torch.matmul(prods.permute(0, 1, 2, 4, 3, 5).reshape(n, out, kh * s, kw * t), cols.t()))
-            rows.append(_tap_interpolation(h, s, kh, ph, dh, align_corners))
+            rows.append(_tap_interpolation(h, s, kh, ph, dh, align_corners, prods.dtype, prods.device))
         share = torch.cat(shares, dim=2)  # (n, out, K, w), K = kh * (sum of the scales)
-        rows_all = torch.cat(rows, dim=1).to(share)  # (h, K)
+        rows_all = torch.cat(rows, dim=1)  # (h, K)
         if y.is_contiguous(memory_format=torch.channels_last):  # the sum in y's own (NHWC) layout
             k = share.shape[2]
             nhwc = torch.matmul(rows_all, share.permute(0, 2, 3, 1).reshape(n, k, w * out))
