@@ -193,6 +193,31 @@ def test_scores_and_output_choice_and_batches(tmp_path, capsys):
         assert np.abs(stored - np.rint(confidence * 255)).max() <= 1
 
 
+def test_an_interrupt_keeps_and_counts_the_results_written(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the third forward pass: the two batches before it are written in full (no temporary
+    left), the command says in one line how many inputs were segmented and where, and exits 130."""
+    from segtorch.segmenter import Segmenter
+
+    calls = []
+    real = Segmenter.predict_prepared
+
+    def interrupted_at_the_third(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Segmenter, "predict_prepared", interrupted_at_the_third)
+    for i in range(6):
+        _image(tmp_path / "in" / f"{i}.png", seed=i)
+    out = tmp_path / "out"
+    assert main(tmp_path / "in", "--model", DEMO, "--out", out, "--batch-size", "2", "--outputs", "labels") == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"segtorch: interrupted: 4 of 6 inputs segmented; their results are in {out}/"
+    assert not any("images/s" in line for line in err)
+    assert sorted(p.name for p in out.iterdir()) == [f"{i}_labels.png" for i in range(4)]
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "getpriority"), reason="no nice values on this platform")
 @pytest.mark.parametrize("below_model", [True, False])
 def test_helper_threads_yield_to_a_cpu_model(monkeypatch, below_model):

@@ -7,6 +7,8 @@ picks which. ``<name>`` is the file's stem, made unique where two inputs share i
 for files of one folder, input folders mirrored under ``--out`` otherwise). Every input is checked to exist
 before a model is loaded; a missing, unreadable or non-image file gets a one-line error, the others are still
 processed, and the exit status is 1 if any failed (with no result at all, no new output folder is left behind).
+Ctrl-C stops reading and the model; the results already computed are written, counted in one line, and the
+exit status is 130.
 Worker threads read and preprocess ahead of the model (the first images while it loads) and write results
 behind it: between its forward passes when the model's threads take every core (a CPU device, by default),
 beside them otherwise (at a lower priority for a CPU model); equal-sized images share a forward pass. Files
@@ -373,6 +375,7 @@ def cmd_predict(args) -> int:
         bar.update(len(batch))
         batch.clear()
 
+    interrupted = False
     try:
         while True:
             read_ahead()
@@ -389,12 +392,19 @@ def cmd_predict(args) -> int:
                 run_batch()
             batch.append((path, out_name, image, x))
         run_batch()
+    except KeyboardInterrupt:  # the results handed to the writers are still written, then counted
+        interrupted = True
     finally:
         readers.shutdown(cancel_futures=True)
         written = writer.done(report)
         bar.close()
         if not written:  # no result: the folders this run made are not left behind, empty
             _remove_empty(out, created)
+    if interrupted:
+        where = f"; their results are in {out}/" if written else ""
+        print(f"segtorch: interrupted: {written} of {len(files) + len(errors)} inputs segmented{where}",
+              file=sys.stderr)
+        return 130
     seconds = time.perf_counter() - t_start
     print(f"{written} of {len(files) + len(errors)} inputs segmented in {seconds:.2f}s "
           f"({written / max(seconds, 1e-9):.2f} images/s)", file=sys.stderr)
