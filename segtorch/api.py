@@ -97,11 +97,11 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     with ``auxiliary`` (fine-tuning).
     """
     from .inference.fast_path import fast_path_defaults
-    from .inference.precision import check_precision
+    from .inference.precision import check_device, check_precision
     from .segmenter import Segmenter
 
     card = model_card(name)
-    device = torch.device(device)
+    device = check_device(device)
     check_precision(device, precision)
     path = _resolve_checkpoint(card, checkpoint)
     if path.suffix.lower() == ".onnx":  # written by `segtorch export`: onnxruntime runs the forward passes

@@ -71,9 +71,9 @@ class Segmenter:
     def __init__(self, model: torch.nn.Module, card: ModelCard, device: torch.device | str = "cpu",
                  precision: str = "fp32", compile: bool = False, channels_last: bool | None = None):
         from .inference.fast_path import fast_path_defaults
-        from .inference.precision import check_precision, reduced_dtype
+        from .inference.precision import check_device, check_precision, reduced_dtype
 
-        self.device = torch.device(device)
+        self.device = check_device(device)
         check_precision(self.device, precision)
         self.model = model
         self.card = card

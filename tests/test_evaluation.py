@@ -259,6 +259,8 @@ def test_reproduce_cli_end_to_end(tmp_path, monkeypatch, capsys):
     (["pspnet_resnet50_ade20k", "--data-root", "{tmp}"], "unknown model 'pspnet_resnet50_ade20k'; did you mean"),
     (["pspnet_*", "--data-root", "{tmp}", "--checkpoint", "x.pth"], "--checkpoint applies to one model"),
     (["--all", "--data-root", "{tmp}"], "{tmp}: none of the selected models' datasets is there"),
+    # the device first, before the data: no machine here has eight GPUs
+    (["pspnet_resnet50os8_ade20k", "--data-root", "{tmp}/nowhere", "--device", "cuda:7"], "--device 'cuda:7': "),
 ])
 def test_reproduce_errors_are_one_line_and_nonzero(tmp_path, capsys, args, message):
     rc = reproduce_main([a.replace("{tmp}", str(tmp_path)) for a in args])

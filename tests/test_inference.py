@@ -660,6 +660,35 @@ def restore_cuda_switches():
     torch.backends.cudnn.benchmark = benchmark
 
 
+@pytest.mark.parametrize("device, gpus, message", [
+    ("gpu", 0, "device 'gpu' is not a device; use cpu, cuda, cuda:N or mps"),
+    ("cuda", 0, "device 'cuda': torch sees no CUDA GPU on this machine .*; use cpu"),
+    ("cuda:1", 1, "device 'cuda:1': this machine has 1 CUDA GPU, cuda:0$"),
+    ("cuda:2", 2, "device 'cuda:2': this machine has 2 CUDA GPUs, cuda:0 to cuda:1$"),
+])
+def test_a_device_this_machine_lacks_is_refused_with_what_it_has(monkeypatch, device, gpus, message):
+    """A user's choice of device, not a bug: one line naming it and what there is, from ``check_device`` and
+    from ``load`` and ``Segmenter``, before any weight moves. The GPU count is
+    set as a machine with that many would report it."""
+    from segtorch.segmenter import Segmenter
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(segtorch.UsageError, match=message) as refused:
+        precision_mod.check_device(device)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(segtorch.UsageError, match=message):
+        segtorch.load("demo_pspnet_shapes", device=device)
+    with pytest.raises(segtorch.UsageError, match=message):
+        Segmenter(nn.Identity(), segtorch.model_card("demo_pspnet_shapes"), device=device)
+    assert precision_mod.check_device("cpu") == torch.device("cpu")
+    if gpus:  # what the machine has is accepted, and nothing is initialised on it
+        assert precision_mod.check_device(f"cuda:{gpus - 1}") == torch.device(f"cuda:{gpus - 1}")
+        assert precision_mod.check_device("cuda") == torch.device("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(segtorch.UsageError, match="device 'mps': Apple's Metal .MPS. is not available here; use cpu"):
+        precision_mod.check_device("mps")
+
+
 def test_toolbox_cuda_numerics_turn_tf32_off_on_gpus_only(restore_cuda_switches):
     """The toolbox's scripts all turn TF32 off ("open full fp32"); segtorch does so around its own CUDA work and
     puts the user's settings back after, also after an error. Nothing changes on the CPU."""

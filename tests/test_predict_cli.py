@@ -143,15 +143,19 @@ def test_an_existing_path_with_glob_characters_is_a_path(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["img[1]_labels.png"]
 
 
-@pytest.mark.parametrize("option", ["out", "device"])
-def test_bad_out_or_device_is_one_line(tmp_path, capsys, option):
+@pytest.mark.parametrize("option", ["out", "device", "absent GPU"])
+def test_bad_out_or_device_is_one_line(tmp_path, capsys, monkeypatch, option):
     src = _image(tmp_path / "a.png")
     (tmp_path / "file").write_text("x")
-    args = ["--out", tmp_path / "file"] if option == "out" else ["--device", "gpu", "--out", tmp_path / "o"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on a machine without a GPU
+    args = {"out": ["--out", tmp_path / "file"], "device": ["--device", "gpu", "--out", tmp_path / "o"],
+            "absent GPU": ["--device", "cuda:0", "--out", tmp_path / "o"]}[option]
     assert main(src, "--model", DEMO, *args) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("segtorch: error: --")
-    assert ("existing file" in err) if option == "out" else ("'gpu'" in err and "cuda" in err)
+    assert {"out": "existing file", "device": "--device 'gpu' is not a device; use cpu, cuda",
+            "absent GPU": "--device 'cuda:0': torch sees no CUDA GPU"}[option] in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_results_under_out_are_not_inputs(tmp_path, capsys):

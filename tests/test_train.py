@@ -216,6 +216,16 @@ def test_training_and_its_evaluation_run_under_the_toolbox_cuda_numerics(tmp_pat
     assert set(asked) == {("cpu", True)} and switches() == before
 
 
+def test_a_training_device_this_machine_lacks_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on a machine without a GPU
+    _, train = toy_training_set(tmp_path)
+    config = TrainConfig(work_dir=str(tmp_path / "run"), max_iters=1, batch_size=2, num_workers=0, optimizer=SGD,
+                         losses=LOSSES, device="cuda")
+    with pytest.raises(UsageError, match="device 'cuda': torch sees no CUDA GPU on this machine .*; use cpu"):
+        Trainer(tiny_pspnet(), train, config)
+    assert not (tmp_path / "run").exists()
+
+
 class Interrupt(Exception):
     pass
 

@@ -73,9 +73,12 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
     from ..data import DatasetError, dataset_class
     from ..evaluation.evaluator import write_results
     from ..evaluation.reproduce import evaluate_model
+    from ..inference.precision import check_device
 
     out, err = out or sys.stdout, err or sys.stderr
     names = select_models(args.models, args.all)
+    if args.device is not None:  # before any dataset is scanned or generated
+        check_device(args.device, what="--device")
     if args.checkpoint and len(names) > 1:
         raise UsageError(f"--checkpoint applies to one model; {len(names)} selected")
     explicit = len(names) == 1 and not args.all

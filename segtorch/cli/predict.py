@@ -176,14 +176,10 @@ def _parse_outputs(args) -> list[str]:
 
 def _check_options(args) -> Path:
     """Everything the user typed that can be wrong, checked before any model is loaded: the output folder."""
-    import torch
-
     from ..errors import UsageError
+    from ..inference.precision import check_device
 
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    check_device(args.device, what="--device")
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError("--batch-size must be at least 1 and --workers at least 0")
     out = Path(args.out)

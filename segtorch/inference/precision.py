@@ -89,8 +89,30 @@ def cpu_supports_bf16() -> bool:
         cap is None or _ONEDNN_ISAS.index(cap) >= _ONEDNN_ISAS.index("AVX512_CORE_BF16"))
 
 
+def check_device(device: torch.device | str, what: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``; ``UsageError`` (a ValueError) where it is no device name or this machine
+    has no such device, saying what it has. ``what``: how the message names the value (a command's option)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"{what} {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    named = f"{what} {str(parsed)!r}"
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()  # 0 without a GPU or driver; does not initialise CUDA
+        if count == 0:
+            raise UsageError(f"{named}: torch sees no CUDA GPU on this machine (torch {torch.__version__}, built "
+                             f"for CUDA {torch.version.cuda or 'none'}); use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise UsageError(f"{named}: this machine has {count} CUDA GPU{'s' if count > 1 else ''}, cuda:0"
+                             f"{f' to cuda:{count - 1}' if count > 1 else ''}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{named}: Apple's Metal (MPS) is not available here; use cpu")
+    return parsed
+
+
 def check_precision(device: torch.device | str, precision: str) -> None:
-    """Raise ``UsageError`` (a ValueError) for an unknown precision or one ``device`` lacks, with the reason."""
+    """Raise ``UsageError`` (a ValueError) for an unknown precision or one ``device`` lacks, with the reason
+    (whether this machine has ``device`` at all is ``check_device``'s question)."""
     device = torch.device(device)
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")

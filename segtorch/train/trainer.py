@@ -38,6 +38,7 @@ from .losses import DEFAULT_LOSSES, training_losses
 from .optim import PolySchedule, build_optimizer, clip_gradients
 from ..errors import CheckpointError, UsageError
 from ..files import atomic_path
+from ..inference.precision import check_device
 
 CHECKPOINT_FORMAT = "segtorch-train-1"
 
@@ -175,7 +176,7 @@ class Trainer:
         self.config = c = config
         self.rank, self.world, local_rank = init_distributed()
         if c.device:
-            self.device = torch.device(c.device)
+            self.device = check_device(c.device)
         else:
             self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         if c.amp not in ("none", "fp16", "bf16"):
