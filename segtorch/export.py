@@ -1,7 +1,10 @@
 """``segtorch export``: one ONNX file per model, exact at every input size, checked before it is kept.
 
 The file takes N x 3 x H x W float32 normalised images (N, H and W dynamic) and returns the main head's scores,
-what ``model(x)`` returns. It is traced once (``torch.onnx.export(dynamo=True)``; the TorchScript exporter
+what ``model(x)`` returns. Pyramid pooling bottlenecks are exported split by their inputs, as segtorch's own
+fast path runs them (``models/heads/psp.SplitBottleneckConv``: the pooled branches' share of the 3x3
+convolution at their own scale; the interpolation matrices built in the graph from each input's size). It is
+traced once (``torch.onnx.export(dynamo=True)``; the TorchScript exporter
 cannot express the size-dependent pooling) at ``TRACE_SHAPE``; then onnxruntime runs it at ``CHECK_SHAPES``,
 sizes the tracer never saw, and each result is compared with the PyTorch model in float64. The file is kept
 only when every error is within ``max(ERROR_FACTOR x the float32 PyTorch model's own error, ERROR_FLOOR)``.
@@ -28,6 +31,7 @@ from .errors import ExportError
 from .files import atomic_path, sha256_file
 from .inference.onnx_runtime import (INPUT_NAME, META_PREFIX, OUTPUT_NAME, onnx_session,  # noqa: F401 - re-exported
                                      read_metadata, require_onnx)
+from .models.heads.psp import pyramid_bottlenecks_split
 from .registry import ModelCard, model_card
 from .testing import relative_error
 
@@ -153,7 +157,8 @@ def export_model(model: torch.nn.Module, card: ModelCard, out: str | os.PathLike
     out = Path(out).expanduser()
     model = model.float().cpu().eval()
     with atomic_path(out) as tmp:
-        trace_to_onnx(model, tmp, opset)
+        with pyramid_bottlenecks_split(model):  # checked below against the model as the toolbox has it
+            trace_to_onnx(model, tmp, opset)
         try:
             checks = check_sizes(model, onnx_session(tmp), check_shapes)
         except ExportError as e:

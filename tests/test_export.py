@@ -176,6 +176,27 @@ def test_export_metadata_describes_the_model(demo_onnx):
         assert text in stdout
 
 
+def test_the_pyramid_bottleneck_is_exported_split_and_the_model_left_as_it_was(demo_onnx):
+    """The graph holds the bottleneck's backbone share (in x out x 3 x 3) and the branches' tap products, not
+    the concatenated convolution (in + 4 x out channels) that the export traces instead of; the model it
+    exported keeps its ordinary convolution (the export checks the graph against that)."""
+    import onnx
+
+    from segtorch.models.heads.psp import pyramid_bottlenecks_split
+
+    conv = segtorch.create_model(DEMO).ppm_net.bottleneck[0]
+    out, total = conv.out_channels, conv.in_channels
+    shapes = {tuple(t.dims) for t in onnx.load(str(demo_onnx)).graph.initializer}
+    assert (out, total - 4 * out, 3, 3) in shapes and (4 * out * 9, out, 1, 1) in shapes
+    assert not any(len(s) == 4 and s[:2] == (out, total) for s in shapes)
+    model = segtorch.create_model(DEMO)
+    before = model.ppm_net.bottleneck[0]
+    with pytest.raises(KeyError), pyramid_bottlenecks_split(model):
+        assert model.ppm_net.bottleneck[0] is not before
+        raise KeyError("inside")  # put back after an error too
+    assert model.ppm_net.bottleneck[0] is before
+
+
 def test_onnx_checkpoint_runs_the_cards_test_procedure(demo_onnx, tmp_path):
     jpeg = tmp_path / "example.jpg"
     Image.open(DEMO_IMAGE).convert("RGB").save(jpeg, quality=90)

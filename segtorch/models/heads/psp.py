@@ -1,6 +1,7 @@
 """PSPNet: the Pyramid Pooling Module on the last backbone stage, then a 1x1 classifier."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Sequence
 
@@ -69,7 +70,7 @@ class PyramidPoolingModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.bottleneck[0]
-        if isinstance(conv, SplitBottleneckConv) and not exporting_to_onnx():
+        if isinstance(conv, SplitBottleneckConv):
             y = conv(x, [branch(x) for branch in self.branches], self.align_corners)
             for layer in list(self.bottleneck)[1:]:  # norm (Identity once folded), activation
                 y = layer(y)
@@ -98,35 +99,61 @@ def split_pyramid_bottlenecks(model: nn.Module, memory_format: torch.memory_form
     return model
 
 
+@contextlib.contextmanager
+def pyramid_bottlenecks_split(model: nn.Module):
+    """``split_pyramid_bottlenecks`` for the length of a block, then the original convolutions back (the
+    export traces the split form and checks it against the model as it was)."""
+    modules = [m for m in model.modules() if isinstance(m, PyramidPoolingModule)]
+    originals = [m.bottleneck[0] for m in modules]
+    try:
+        split_pyramid_bottlenecks(model)
+        yield model
+    finally:
+        for module, conv in zip(modules, originals):
+            module.bottleneck[0] = conv
+
+
+def tap_interpolation(out_size: int | torch.SymInt, in_size: int, kernel: int, padding: int, dilation: int,
+                      align_corners: bool) -> torch.Tensor:
+    """``(out_size, kernel * in_size)`` float64: for each tap ``t`` of a convolution along one axis, the
+    bilinear upsampling ``in_size -> out_size`` (``F.interpolate``'s source positions) shifted to that tap,
+    zero where the tap falls in the padding. Row ``o``, column ``t * in_size + i``: the weight of input ``i`` in
+    the upsampled value that tap ``t`` reads at output ``o``. Tensor operations only, with ``out_size`` taken
+    from tensors, so that an exported graph builds the matrix from each input's size (like
+    ``adaptive_pool_matrix``)."""
+    f64 = torch.float64
+    rows = torch.arange(out_size)
+    dst = rows.to(f64)
+    end = rows[-1:]  # out_size - 1, as a tensor
+    last = dst[-1:]
+    # tensor / tensor: a Python number divided by a tensor is computed as a reciprocal times it (1 ulp off)
+    if align_corners:
+        src = dst * (torch.full_like(last, in_size - 1.0) / last.clamp_min(1.0))
+    else:
+        src = ((dst + 0.5) * (torch.full_like(last, float(in_size)) / (last + 1.0)) - 0.5).clamp_min(0.0)
+    low = src.floor().long().clamp_max(in_size - 1)
+    high = (low + 1).clamp_max(in_size - 1)
+    frac = src - low
+    cols = torch.arange(in_size)
+    upsample = ((cols == low[:, None]).to(f64) * (1.0 - frac)[:, None]
+                + (cols == high[:, None]).to(f64) * frac[:, None])  # (out_size, in_size)
+    taps = []
+    for t in range(kernel):  # the tap reads the upsampled map at o + offset; zero outside it
+        q = rows + (t * dilation - padding)
+        inside = ((q >= 0) & (q <= end)).to(f64)
+        taps.append(upsample.index_select(0, torch.minimum(q.clamp_min(0), end)) * inside[:, None])
+    return torch.stack(taps, dim=1).flatten(1)
+
+
 @functools.lru_cache(maxsize=256)
-def _tap_interpolation(out_size: int, in_size: int, kernel: int, padding: int, dilation: int,
-                       align_corners: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(out_size, kernel * in_size)``: for each tap ``t`` of a convolution along one axis, the bilinear
-    upsampling ``in_size -> out_size`` (``F.interpolate``'s source positions) shifted to that tap, zero where
-    the tap falls in the padding. Row ``o``, column ``t * in_size + i``: the weight of input ``i`` in the
-    upsampled value that tap ``t`` reads at output ``o``. Built in float64, kept in ``dtype`` on ``device``
-    (cached: a GPU's crops copy nothing from the host; an ordinary tensor even when first asked for under
-    ``inference_mode``, so that a later forward pass with autograd can use it)."""
+def _cached_tap_interpolation(out_size: int, in_size: int, kernel: int, padding: int, dilation: int,
+                              align_corners: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``tap_interpolation`` in ``dtype`` on ``device``, for eager forward passes (cached: a GPU's crops copy
+    nothing from the host; an ordinary tensor even when first asked for under ``inference_mode``, so that a
+    later forward pass with autograd can use it)."""
     with torch.inference_mode(False):
-        dst = torch.arange(out_size, dtype=torch.float64)
-        if align_corners:
-            src = dst * ((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
-        else:
-            src = ((dst + 0.5) * (in_size / out_size) - 0.5).clamp_min(0.0)
-        low = src.floor().long().clamp_max(in_size - 1)
-        high = (low + 1).clamp_max(in_size - 1)
-        frac = src - low
-        upsample = torch.zeros(out_size, in_size, dtype=torch.float64)
-        rows = torch.arange(out_size)
-        upsample.index_put_((rows, low), 1.0 - frac, accumulate=True)
-        upsample.index_put_((rows, high), frac, accumulate=True)
-        taps = torch.zeros(out_size, kernel, in_size, dtype=torch.float64)
-        for t in range(kernel):
-            offset = t * dilation - padding  # the tap reads the upsampled map at o + offset
-            lo, hi = max(0, -offset), min(out_size, out_size - offset)
-            if lo < hi:
-                taps[lo:hi, t] = upsample[lo + offset:hi + offset]
-        return taps.reshape(out_size, kernel * in_size).to(dtype=dtype, device=device)
+        return tap_interpolation(out_size, in_size, kernel, padding, dilation, align_corners).to(dtype=dtype,
+                                                                                                 device=device)
 
 
 class SplitBottleneckConv(nn.Module):
@@ -135,10 +162,10 @@ class SplitBottleneckConv(nn.Module):
 
     conv(upsample(p)) = sum over the kernel's taps of shift(upsample(W_tap p)): both are linear, so each tap's
     1x1 product runs on the s x s pooled map, and upsampling and shifting become two small matrix products
-    (``_tap_interpolation``). Exact in real arithmetic; in float32 as close to the float64 answer as the
+    (``tap_interpolation``). Exact in real arithmetic; in float32 as close to the float64 answer as the
     concatenated convolution (tests/test_parity.py holds every PPM checkpoint to it). It skips half of the
     bottleneck's input channels (PSPNet's 3x3 convolution over 4096 channels was 37% of its time), the
-    upsampled branches and their concatenation. While exporting, the merged weight runs the original way."""
+    upsampled branches and their concatenation. Exported graphs run it too (``segtorch.export``)."""
 
     def __init__(self, conv: nn.Conv2d, num_branches: int, memory_format: torch.memory_format):
         super().__init__()
@@ -163,21 +190,20 @@ class SplitBottleneckConv(nn.Module):
         taps = self.branch_taps.reshape(nb, out, kh, kw, cb).permute(1, 0, 4, 2, 3).reshape(out, nb * cb, kh, kw)
         return torch.cat([self.weight, taps.to(self.weight.dtype)], dim=1)
 
-    def forward(self, x: torch.Tensor, pooled: list[torch.Tensor] | None = None,
-                align_corners: bool = False) -> torch.Tensor:
-        if pooled is None:  # x: the concatenated levels (the export path)
-            return F.conv2d(x, self.merged_weight(), self.bias, padding=self.padding, dilation=self.dilation)
+    def forward(self, x: torch.Tensor, pooled: list[torch.Tensor], align_corners: bool = False) -> torch.Tensor:
         y = F.conv2d(x, self.weight, self.bias, padding=self.padding, dilation=self.dilation)
         n, out, h, w = y.shape
+        # eager passes cache the matrices per size; an exported graph builds them from each input's size
+        interpolation = _cached_tap_interpolation.__wrapped__ if exporting_to_onnx() else _cached_tap_interpolation
         (kh, kw), (ph, pw), (dh, dw) = self.kernel_size, self.padding, self.dilation
         rows, shares = [], []
         for p, taps in zip(pooled, self.branch_taps.chunk(self.num_branches)):
             s, t = p.shape[2:]
             prods = F.conv2d(p, taps).reshape(n, out, kh, kw, s, t)  # each tap's product at the pooled scale
-            cols = _tap_interpolation(w, t, kw, pw, dw, align_corners, prods.dtype, prods.device)
+            cols = interpolation(w, t, kw, pw, dw, align_corners, prods.dtype, prods.device)
             # along the width: (n, out, kh * s, kw * t) @ (kw * t, w): rows still at the pooled scale
             shares.append(torch.matmul(prods.permute(0, 1, 2, 4, 3, 5).reshape(n, out, kh * s, kw * t), cols.t()))
-            rows.append(_tap_interpolation(h, s, kh, ph, dh, align_corners, prods.dtype, prods.device))
+            rows.append(interpolation(h, s, kh, ph, dh, align_corners, prods.dtype, prods.device))
         share = torch.cat(shares, dim=2)  # (n, out, K, w), K = kh * (sum of the scales)
         rows_all = torch.cat(rows, dim=1)  # (h, K)
         if y.is_contiguous(memory_format=torch.channels_last):  # the sum in y's own (NHWC) layout
