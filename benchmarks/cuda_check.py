@@ -18,7 +18,8 @@ import sys
 import torch
 
 from segtorch.argtypes import int_pair, model_name
-from segtorch.inference.precision import describe_cpu, reduced_precisions
+from segtorch.errors import UsageError
+from segtorch.inference.precision import check_device, describe_cpu, reduced_precisions
 from segtorch.testing import FAMILY_CHECKPOINTS, device_fidelity
 
 FACTOR, FLOOR = 2.0, 1e-5
@@ -31,9 +32,10 @@ def main() -> int:
     ap.add_argument("--size", type=int_pair, default="97x75",
                     help="H x W of the input (odd sizes exercise the padding)")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("cuda_check: torch sees no CUDA device here; run it where there is one, or pass --device cpu")
+    try:
+        device = check_device(args.device, what="--device")
+    except UsageError as e:
+        sys.exit(f"cuda_check: {e}")
     h, w = args.size
     reduced = reduced_precisions(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu()

@@ -37,6 +37,9 @@ from segtorch.cli.process_tuning import tune_own_process
 SPIN_SET, BLAS_SPIN_SET, HEAP_KEPT, OPENCV_SEQUENTIAL = tune_own_process()
 import torch  # noqa: E402
 
+from segtorch.errors import UsageError  # noqa: E402
+from segtorch.inference.precision import check_device  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "demo_pspnet_shapes"
 
@@ -96,9 +99,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=positive_int, default=3, help="runs of each, interleaved; medians compared")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (both sides)")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: torch sees no CUDA device here")
+    try:
+        device = check_device(args.device, what="--device")
+    except UsageError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     w, h = args.size
     with tempfile.TemporaryDirectory() as tmp:

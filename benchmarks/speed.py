@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import segtorch  # noqa: E402
 from segtorch.errors import UsageError  # noqa: E402
-from segtorch.inference.precision import (check_precision, describe_cpu, reduced_precisions,  # noqa: E402
+from segtorch.inference.precision import (check_device, check_precision, describe_cpu, reduced_precisions,  # noqa: E402
                                          toolbox_cuda_numerics)
 from segtorch.testing import UPSTREAM_DIR, relative_error, seeded_input, seeded_state_dict  # noqa: E402
 
@@ -394,8 +394,10 @@ def main() -> None:
     cases = set((args.cases or default).split(","))
     if cases - {"tta", "memory", "gpu"}:
         ap.error(f"--cases {args.cases!r}: choose from tta, memory, gpu")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: torch sees no CUDA device here")
+    try:
+        check_device(args.device, what="--device")
+    except UsageError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}; CPU: {describe_cpu()}; threads {args.threads}; device {args.device}")
     if args.device.startswith("cuda"):

@@ -658,7 +658,7 @@ def restore_cuda_switches():
 
 @pytest.mark.parametrize("device, gpus, message", [
     ("gpu", 0, "device 'gpu' is not a device; use cpu, cuda, cuda:N or mps"),
-    ("cuda", 0, "device 'cuda': torch sees no CUDA GPU on this machine .*; use cpu"),
+    ("cuda", 0, "device 'cuda': torch sees no CUDA device on this machine .*; use cpu"),
     ("cuda:1", 1, "device 'cuda:1': this machine has 1 CUDA GPU, cuda:0$"),
     ("cuda:2", 2, "device 'cuda:2': this machine has 2 CUDA GPUs, cuda:0 to cuda:1$"),
 ])

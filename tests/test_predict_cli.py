@@ -154,7 +154,7 @@ def test_bad_out_or_device_is_one_line(tmp_path, capsys, monkeypatch, option):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("segtorch: error: --")
     assert {"out": "existing file", "device": "--device 'gpu' is not a device; use cpu, cuda",
-            "absent GPU": "--device 'cuda:0': torch sees no CUDA GPU"}[option] in err
+            "absent GPU": "--device 'cuda:0': torch sees no CUDA device"}[option] in err
     assert not (tmp_path / "o").exists()
 
 

@@ -221,7 +221,7 @@ def test_a_training_device_this_machine_lacks_is_one_line(tmp_path, monkeypatch)
     _, train = toy_training_set(tmp_path)
     config = TrainConfig(work_dir=str(tmp_path / "run"), max_iters=1, batch_size=2, num_workers=0, optimizer=SGD,
                          losses=LOSSES, device="cuda")
-    with pytest.raises(UsageError, match="device 'cuda': torch sees no CUDA GPU on this machine .*; use cpu"):
+    with pytest.raises(UsageError, match="device 'cuda': torch sees no CUDA device on this machine .*; use cpu"):
         Trainer(tiny_pspnet(), train, config)
     assert not (tmp_path / "run").exists()
 

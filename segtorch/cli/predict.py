@@ -175,7 +175,8 @@ def _parse_outputs(args) -> list[str]:
 
 
 def _check_options(args) -> Path:
-    """Everything the user typed that can be wrong, checked before any model is loaded: the output folder."""
+    """Everything the user typed that can be wrong, checked before any model is loaded: the device, the counts
+    and the output folder (returned)."""
     from ..errors import UsageError
     from ..inference.precision import check_device
 

@@ -100,7 +100,7 @@ def check_device(device: torch.device | str, what: str = "device") -> torch.devi
     if parsed.type == "cuda":
         count = torch.cuda.device_count()  # 0 without a GPU or driver; does not initialise CUDA
         if count == 0:
-            raise UsageError(f"{named}: torch sees no CUDA GPU on this machine (torch {torch.__version__}, built "
+            raise UsageError(f"{named}: torch sees no CUDA device on this machine (torch {torch.__version__}, built "
                              f"for CUDA {torch.version.cuda or 'none'}); use cpu")
         if parsed.index is not None and parsed.index >= count:
             raise UsageError(f"{named}: this machine has {count} CUDA GPU{'s' if count > 1 else ''}, cuda:0"
