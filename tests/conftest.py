@@ -16,3 +16,29 @@ def _free_tmp_path(request):
     yield
     if path is not None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- live reference cases: how many ran against the toolbox, how many were skipped and why ------------------
+_LIVE = {"passed": 0, "failed": 0, "skipped": {}}
+
+
+def pytest_runtest_logreport(report):
+    if "reference" not in report.keywords:
+        return
+    if report.skipped and report.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        _LIVE["skipped"][reason] = _LIVE["skipped"].get(reason, 0) + 1
+    elif report.when == "call":
+        _LIVE["passed" if report.passed else "failed"] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    ran = _LIVE["passed"] + _LIVE["failed"]
+    skipped = sum(_LIVE["skipped"].values())
+    if not ran and not skipped:
+        return
+    terminalreporter.write_line(f"live reference cases: {ran} ran against the toolbox ({_LIVE['failed']} failed), "
+                                f"{skipped} skipped")
+    for reason, count in sorted(_LIVE["skipped"].items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"  {count} x {reason}")

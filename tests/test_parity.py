@@ -6,7 +6,7 @@ segtorch.load -> compare main-head outputs on odd-sized inputs):
 - recorded: outputs recorded once from the toolbox at commit eb1878c1 (tests/fixtures/record_parity.py); the
   weights are regenerated here from the seeded generator, so the files hold only outputs and key layouts;
 - live: the toolbox installed in this environment (sssegmentation 1.7.0 from PyPI in CI), where it can build
-  the config; skipped when it is not importable.
+  the config (tests/toolbox.py says when a live case may skip instead of failing).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 import segtorch
 from parity import (FIXTURES_DIR, input_shapes, reference_logits, reference_segmentor, relative_error,
                     seeded_input, seeded_state_dict, seeded_tensor, upstream_configs)
+from toolbox import build_reference
 
 NAMES = sorted(upstream_configs())
 # ~1 s or more per build: the slow tier still runs in CI
@@ -100,23 +101,10 @@ def test_parity_recorded(name, tmp_path):
         assert err < TOLERANCE, f"{name} {shape}: relative error {err:.2e}"
 
 
-def _live_reference_builds(name: str) -> bool:
-    try:
-        import ssseg  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.reference
 @pytest.mark.parametrize("name", [_param(n) for n in NAMES])
 def test_parity_live(name, tmp_path):
-    if not _live_reference_builds(name):
-        pytest.skip("the SSSegmentation toolbox is not installed")
-    try:
-        ref = reference_segmentor(name)
-    except Exception as e:  # noqa: BLE001 - the installed release may predate this config's options
-        pytest.skip(f"the installed toolbox cannot build {name}: {type(e).__name__}: {e}")
+    ref = build_reference(name, reference_segmentor, name)
     state = seeded_state_dict(ref.state_dict())
     ref.load_state_dict(state)
     shapes = input_shapes(name)
