@@ -218,7 +218,19 @@ def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
         if keys:
             shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
             parts.append(f"{len(keys)} {label} keys: {shown}")
-    raise CheckpointError(f"{source}: does not match the architecture: " + "; ".join(parts))
+    raise CheckpointError(f"{source}: does not match the architecture: " + "; ".join(parts) + _classes_hint(
+        [(tuple(state[k].shape), tuple(expected[k].shape)) for k in state
+         if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]))
+
+
+def _classes_hint(shapes: list[tuple[tuple, tuple]]) -> str:
+    """When every mis-shaped tensor differs in one size only, K in the file for M in the model (classifiers,
+    per-class memories and relations), the file is that model trained for K classes: say how to load it."""
+    pairs = {(a, b) for file, model in shapes if len(file) == len(model) for a, b in zip(file, model) if a != b}
+    if len(pairs) != 1 or any(len(file) != len(model) for file, model in shapes):
+        return ""
+    k = next(iter(pairs))[0]
+    return f" (a model trained for {k} classes? load it with num_classes={k} or {k} class_names)"
 
 
 def optional_keys(model: torch.nn.Module) -> set[str]:
