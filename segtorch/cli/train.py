@@ -187,7 +187,10 @@ def _train(args, card, train_card, work_dir: Path, log) -> int:
     checked = len(train_data) + (len(val_data) if val_data is not None else 0)
     log(f"data: {checked} images and masks checked in {time.perf_counter() - started:.1f} s")
     seed_everything(args.seed)  # before the model's random initialisation
-    model = build_model(card, train_card.num_classes, args.init, log=log)
+    if args.resume:  # the weights come from the checkpoint: no initial weights to read or download
+        model = build_model(card, train_card.num_classes, "scratch", log=lambda _: None)
+    else:
+        model = build_model(card, train_card.num_classes, args.init, log=log)
 
     def predict(model, image):  # the card's own test pipeline (resize, whole/slide, resize back)
         device = next(model.parameters()).device

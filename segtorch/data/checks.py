@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from PIL import Image
 
 from .datasets import DatasetError, SegmentationDataset, read_mask
@@ -45,6 +46,13 @@ def _mask_size(path) -> tuple[int, int] | None:
     return size
 
 
+def _values(raw: np.ndarray) -> np.ndarray:
+    """The distinct values of a mask (a count per possible value for 8-bit masks: one pass, no sort)."""
+    if raw.dtype == np.uint8:
+        return np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+    return np.unique(raw)
+
+
 def sample_problem(dataset: SegmentationDataset, index: int) -> str | None:
     """What makes sample ``index`` unusable, in one line; None when it is fine."""
     sample = dataset.samples[index]
@@ -54,12 +62,15 @@ def sample_problem(dataset: SegmentationDataset, index: int) -> str | None:
         return f"{sample.image}: cannot read image ({' '.join(str(e).split())})"
     try:
         if dataset.decode_masks_to_check:
-            label = dataset.read_label(index)
-            size = (label.shape[1], label.shape[0])
+            raw = read_mask(sample.label)
+            size = (raw.shape[1], raw.shape[0])
+            dataset.encode(_values(raw)[None])  # each value present once: what reading every pixel would find
         else:
             size = _mask_size(sample.label)
     except DatasetError as e:
         return str(e)
+    except ValueError as e:  # the dataset's encode names the value, not the file
+        return f"{sample.label}: {e}"
     if size is not None and size != (width, height):
         return (f"{sample.label}: annotation is {size[0]}x{size[1]} but image {sample.image} is {width}x{height} "
                 f"(width x height)")

@@ -122,8 +122,9 @@ def check_resumable(path: str | Path, config: "TrainConfig") -> None:
         raise CheckpointError(f"{path}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
     if saved is None:
         return
-    now = {k: v for k, v in _settings(config).items() if k not in RESUMABLE_CHANGES}
-    differ = _differences({k: saved.get(k) for k in now}, now)
+    # settings a checkpoint of an older segtorch does not record are not known to differ
+    now = {k: v for k, v in _settings(config).items() if k not in RESUMABLE_CHANGES and k in saved}
+    differ = _differences({k: saved[k] for k in now}, now)
     if differ:
         shown = "; ".join(differ[:4]) + (f"; ... ({len(differ)} in all)" if len(differ) > 4 else "")
         raise UsageError(f"{path} was written with other settings ({shown}): resume with the same settings, or "
@@ -131,7 +132,7 @@ def check_resumable(path: str | Path, config: "TrainConfig") -> None:
 
 
 def _differences(saved, now, prefix: str = "") -> list[str]:
-    """``name: saved -> now`` for each setting that differs, down to the nested key."""
+    """``name saved -> now`` for each setting that differs, down to the nested key."""
     if isinstance(saved, dict) and isinstance(now, dict):
         return [d for k in sorted(set(saved) | set(now), key=str)
                 for d in _differences(saved.get(k), now.get(k), f"{prefix}{k}.")]
@@ -141,7 +142,7 @@ def _differences(saved, now, prefix: str = "") -> list[str]:
         if len(saved) != len(now):
             return [f"{prefix[:-1]}: {len(saved)} -> {len(now)} entries"]
         if all(isinstance(v, dict) for v in saved + now):  # e.g. the steps of a pipeline
-                return [d for i, (a, b) in enumerate(zip(saved, now)) for d in _differences(a, b, f"{prefix}{i}.")]
+            return [d for i, (a, b) in enumerate(zip(saved, now)) for d in _differences(a, b, f"{prefix}{i}.")]
     return [f"{prefix[:-1]} {_short(saved)} -> {_short(now)}"]
 
 
@@ -543,7 +544,7 @@ class Trainer:
                     last_eval = self.evaluate()
                 for callback in self.callbacks:
                     callback(self)
-                if self._stop_agreed(stop):
+                if self.iteration < self.max_iters and self._stop_agreed(stop):  # else: finish (export)
                     if self._saved_at != self.iteration:
                         self.save_checkpoint()
                     return last_eval, True
