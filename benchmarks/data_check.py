@@ -36,6 +36,14 @@ def write_samples(root: Path, count: int) -> None:
         os.link(root / "masks" / f"{i}.png", ade / "annotations" / "training" / f"ADE_train_{i:08d}.png")
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=300)
@@ -43,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     from segtorch.data import ADE20K, ImageFolderDataset, check_dataset
 
-    print(f"cpu: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} usable cores")
+    print(f"cpu: {cpu_name()}, {len(os.sched_getaffinity(0))} usable cores, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_samples(root, args.samples)

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import fnmatch
 import functools
+import numbers
 import os
 import re
 import sys
@@ -180,8 +181,9 @@ class ModelCard:
                 raise UsageError(f"{len(class_names)} class names for num_classes={num_classes}")
             num_classes = len(class_names)
         num_classes = self.num_classes if num_classes is None else num_classes
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 1:
             raise UsageError(f"num_classes must be a positive integer, not {num_classes!r}")
+        num_classes = int(num_classes)
         if class_names is None:
             class_names = self.class_names if num_classes == self.num_classes else tuple(
                 f"class_{i}" for i in range(num_classes))

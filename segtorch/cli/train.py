@@ -164,8 +164,10 @@ def _train(args, card, train_card, work_dir: Path, log) -> int:
     optimizer = dict(card.training["optimizer"])
     if args.lr is not None:
         optimizer["lr"] = args.lr
-    data = {"data_root": args.data_root, "split": args.split, "images": args.images, "masks": args.masks,
-            "ignore_index": args.ignore_index, "reduce_zero_label": args.reduce_zero_label, "pipeline": thaw(pipeline)}
+    folders = {k: str(Path(v).expanduser().resolve()) if v else None
+               for k, v in (("data_root", args.data_root), ("images", args.images), ("masks", args.masks))}
+    data = {**folders, "split": args.split, "ignore_index": args.ignore_index,
+            "reduce_zero_label": args.reduce_zero_label, "pipeline": thaw(pipeline)}
     config = TrainConfig.from_card(
         card, work_dir=str(work_dir), max_iters=args.iters, epochs=args.epochs, batch_size=args.batch_size,
         accumulate=args.accumulate, optimizer=optimizer, amp=args.amp, num_workers=args.workers, seed=args.seed,
@@ -181,9 +183,10 @@ def _train(args, card, train_card, work_dir: Path, log) -> int:
         raise UsageError(f"{work_dir} holds the checkpoint of an earlier run; continue it with --resume, or leave "
                          f"out --work-dir for a new run's folder")
     started = time.perf_counter()
+    threads = (default_workers() if args.workers is None else args.workers) + 1  # reading: the loaders' share
     for dataset in (train_data, val_data):
         if dataset is not None:
-            check_dataset(dataset, workers=default_workers() + 1)
+            check_dataset(dataset, workers=threads)
     checked = len(train_data) + (len(val_data) if val_data is not None else 0)
     log(f"data: {checked} images and masks checked in {time.perf_counter() - started:.1f} s")
     seed_everything(args.seed)  # before the model's random initialisation
