@@ -420,6 +420,21 @@ result = trainer.fit()
 params = {{k: v.detach() for k, v in trainer.model.named_parameters()}}
 torch.save({{"params": params, "seen": [i for i, _ in trainer.sampler], "miou": result["eval"]["miou"]}},
            os.path.join({work!r}, f"rank{{trainer.rank}}.pt"))
+
+
+def ctrl_c_on_rank_1(trainer):  # the other process must stop at the same iteration
+    if trainer.rank == 1 and trainer.iteration == 1:
+        import signal
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+config = TrainConfig(max_iters=4, batch_size=2, num_workers=0, optimizer=sgd, losses=losses, export_name="tiny")
+stopped = Trainer(tiny_pspnet(), TrainingSet(dataset, build_transforms(pipeline)), config, callbacks=[ctrl_c_on_rank_1])
+try:
+    stopped.fit()
+except KeyboardInterrupt:
+    torch.save({{"iteration": stopped.iteration, "work_dir": str(stopped.work_dir)}},
+               os.path.join({work!r}, f"stopped{{stopped.rank}}.pt"))
 '''
 
 
@@ -431,7 +446,7 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path):
                                         losses=LOSSES, sgd=SGD, images=str(images), masks=str(masks), work=str(work)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script)], capture_output=True, text=True, timeout=240, env=env)
+                          str(script)], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 processes per iteration" in out.stdout and "iter 4/4" in out.stdout
     ranks = [torch.load(work / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -442,6 +457,12 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path):
     assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"])  # each process its own share of the data
     ckpt = torch.load(work / "last.pth", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and (work / "model.safetensors").is_file()
+    # a Ctrl-C that reaches one process stops both at one iteration, in the one work dir the first chose
+    stopped = [torch.load(work / f"stopped{r}.pt", weights_only=True) for r in (0, 1)]
+    run = tmp_path / "work_dirs" / "tiny" / "run1"
+    assert [s["iteration"] for s in stopped] == [1, 1] and {s["work_dir"] for s in stopped} == {"work_dirs/tiny/run1"}
+    assert torch.load(run / "last.pth", weights_only=True)["iteration"] == 1
+    assert "interrupted at iteration 1/4" in (run / "train.log").read_text()
 
 
 # ---- configuration and command-line errors ----------------------------------------------------------------

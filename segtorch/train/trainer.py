@@ -155,8 +155,9 @@ class _StopRequest:
     """Ctrl-C during ``fit``: the first asks the loop to stop after the current iteration (and write a
     checkpoint there); a second stops at once."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.requested = False
+        self._announce = announce  # one process of a distributed run speaks
         self._previous = None
 
     def __enter__(self):
@@ -168,8 +169,9 @@ class _StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after this iteration to write a resumable checkpoint (Ctrl-C again: stop at once, "
-              "without one)", file=sys.stderr, flush=True)
+        if self._announce:
+            print("\nCtrl-C: stopping after this iteration to write a resumable checkpoint (Ctrl-C again: stop at "
+                  "once, without one)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -479,7 +481,7 @@ class Trainer:
         ``last.pth`` there, says where, and raises ``KeyboardInterrupt``."""
         with work_dir_lock(self.work_dir) if self.rank == 0 else contextlib.nullcontext():
             self._start()
-            with _StopRequest() as stop:
+            with _StopRequest(announce=self.rank == 0) as stop:
                 last_eval, stopped = self._train(stop)
             if stopped:
                 self.log(f"interrupted at iteration {self.iteration}/{self.max_iters}: resumable checkpoint "
