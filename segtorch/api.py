@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import (CheckpointError, ConversionReport, convert_checkpoint, load_for_model, meta_model,
-                         optional_keys)
+from .checkpoint import (CheckpointError, ConversionReport, card_for_checkpoint, convert_checkpoint, load_for_model,
+                         meta_model, optional_keys)
 from .registry import ModelCard, model_card
 
 if TYPE_CHECKING:
@@ -82,7 +82,8 @@ def model_with_weights(card: ModelCard, checkpoint: str | os.PathLike | None = N
 
 def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
          precision: str = "fp32", compile: bool = False, fuse_bn: bool | None = None,
-         channels_last: bool | None = None, auxiliary: bool = False) -> "Segmenter":
+         channels_last: bool | None = None, auxiliary: bool = False, num_classes: int | None = None,
+         class_names=None) -> "Segmenter":
     """A ready ``Segmenter`` for checkpoint ``name``: weights loaded (in float32, whatever the file stores),
     eval mode, on ``device``.
 
@@ -94,7 +95,8 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     convolution by its inputs (``seg.model``'s state dict then differs from the toolbox's layout);
     ``channels_last`` runs ``predict``/``logits`` in NHWC layout. These change only
     float32 rounding; None = the backbone's measured default (``segtorch.inference.fast_path``), and off
-    with ``auxiliary`` (fine-tuning).
+    with ``auxiliary`` (fine-tuning). ``num_classes``/``class_names``: the classes of a checkpoint trained for
+    other classes than the card's (a file written by ``segtorch train`` names its own).
     """
     from .inference.fast_path import fast_path_defaults
     from .inference.precision import check_device, check_precision
@@ -108,6 +110,7 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
         from .inference.onnx_runtime import load_onnx_segmenter
 
         return load_onnx_segmenter(card, path, device, precision, compile)
+    card = card_for_checkpoint(card, path, num_classes, class_names)
     model, _ = model_with_weights(card, checkpoint, auxiliary=auxiliary, path=path)
     fuse_default, channels_last_default = fast_path_defaults(card.architecture["backbone"]["name"], precision)
     if fuse_bn is None:

@@ -218,7 +218,19 @@ def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
         if keys:
             shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
             parts.append(f"{len(keys)} {label} keys: {shown}")
-    raise CheckpointError(f"{source}: does not match the architecture: " + "; ".join(parts))
+    raise CheckpointError(f"{source}: does not match the architecture: " + "; ".join(parts) + _classes_hint(
+        [(tuple(state[k].shape), tuple(expected[k].shape)) for k in state
+         if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]))
+
+
+def _classes_hint(shapes: list[tuple[tuple, tuple]]) -> str:
+    """When every mis-shaped tensor differs in one size only, K in the file for M in the model (classifiers,
+    per-class memories and relations), the file is that model trained for K classes: say how to load it."""
+    pairs = {(a, b) for file, model in shapes if len(file) == len(model) for a, b in zip(file, model) if a != b}
+    if len(pairs) != 1 or any(len(file) != len(model) for file, model in shapes):
+        return ""
+    k = next(iter(pairs))[0]
+    return f" (a model trained for {k} classes? load it with num_classes={k} or {k} class_names)"
 
 
 def optional_keys(model: torch.nn.Module) -> set[str]:
@@ -261,6 +273,52 @@ def load_matching(path: str | os.PathLike, model: torch.nn.Module, keep: Iterabl
     state = {k: v for k, v in state.items() if k in expected and k not in reshaped}
     missing = sorted(k for k in expected if k not in state and k not in optional_keys(model))
     return state, reshaped, missing
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A safetensors file's metadata, from its header alone; ``{}`` for other files."""
+    path = Path(path)
+    if not (path.is_file() and _is_safetensors(path)):
+        return {}
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        try:
+            meta = json.loads(f.read(length)).get("__metadata__")
+        except (ValueError, AttributeError):
+            raise CheckpointError(f"{path}: damaged safetensors file (unreadable header)") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def classes_metadata(class_names: Iterable[str], palette: Iterable[Iterable[int]]) -> dict[str, str]:
+    """The metadata entries that say which classes a trained file predicts (read by ``card_for_checkpoint``)."""
+    class_names = list(class_names)
+    return {"num_classes": str(len(class_names)), "class_names": json.dumps(class_names),
+            "palette": json.dumps([list(c) for c in palette])}
+
+
+def card_for_checkpoint(card: "ModelCard", path: str | os.PathLike, num_classes: int | None = None,
+                        class_names: Iterable[str] | None = None) -> "ModelCard":
+    """``card`` for the classes of the model in ``path``: those its metadata names (a file written by
+    ``segtorch train``), else ``num_classes``/``class_names`` when given, else the card's own. Arguments that
+    contradict the file are refused."""
+    meta = read_metadata(path)
+    stored, palette = None, None
+    if "class_names" in meta:
+        try:
+            stored = tuple(json.loads(meta["class_names"]))
+            palette = json.loads(meta["palette"]) if "palette" in meta else None
+        except ValueError:
+            raise CheckpointError(f"{path}: unreadable class names or palette in its metadata") from None
+    if stored is not None:
+        if num_classes is not None and num_classes != len(stored):
+            raise UsageError(f"{path} was trained for {len(stored)} classes, not num_classes={num_classes}")
+        if class_names is not None:
+            class_names = tuple(class_names)
+            if len(class_names) != len(stored):
+                raise UsageError(f"{path} was trained for {len(stored)} classes ({', '.join(stored[:4])}"
+                                 f"{', ...' if len(stored) > 4 else ''}); {len(class_names)} class names given")
+        return card.with_classes(class_names=class_names or stored, palette=palette)
+    return card.with_classes(num_classes, class_names)
 
 
 def safetensors_metadata(name: str, source_sha256: str | None, report: ConversionReport | None = None) -> dict:

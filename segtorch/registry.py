@@ -13,12 +13,13 @@ import dataclasses
 import difflib
 import fnmatch
 import functools
+import numbers
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping
-from .errors import UnknownModelError  # noqa: F401 - re-exported
+from .errors import UnknownModelError, UsageError  # noqa: F401 - UnknownModelError re-exported
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 HF_ORG_ENV = "SEGTORCH_HF_ORG"
@@ -168,6 +169,56 @@ class ModelCard:
 
     def to_dict(self) -> dict[str, Any]:
         return thaw(self)
+
+    def with_classes(self, num_classes: int | None = None, class_names=None, palette=None) -> "ModelCard":
+        """This card for a model trained on other classes: its architecture with ``num_classes`` outputs, the
+        classes' names (``class_<i>`` unless given) and colours (the card's first ones, then generated). The
+        reported scores and the flip pairs describe the card's own classes, so they go when the classes differ.
+        Nothing given, or the card's own classes: this card."""
+        if class_names is not None:
+            class_names = tuple(str(n) for n in class_names)
+            if num_classes is not None and num_classes != len(class_names):
+                raise UsageError(f"{len(class_names)} class names for num_classes={num_classes}")
+            num_classes = len(class_names)
+        num_classes = self.num_classes if num_classes is None else num_classes
+        if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 1:
+            raise UsageError(f"num_classes must be a positive integer, not {num_classes!r}")
+        num_classes = int(num_classes)
+        if class_names is None:
+            class_names = self.class_names if num_classes == self.num_classes else tuple(
+                f"class_{i}" for i in range(num_classes))
+        if palette is None:
+            palette = (self.palette + generated_palette(num_classes)[len(self.palette):])[:num_classes]
+        palette = tuple(tuple(int(v) for v in colour) for colour in palette)
+        if len(palette) != num_classes or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in palette):
+            raise UsageError(f"a palette of {num_classes} (r, g, b) colours in 0-255 is needed, "
+                             f"not {len(palette)} entries")
+        if (num_classes, class_names, palette) == (self.num_classes, self.class_names, self.palette):
+            return self
+        if (num_classes, class_names) == (self.num_classes, self.class_names):
+            return dataclasses.replace(self, palette=palette)
+        no_pairs = {f: dataclasses.replace(getattr(self.inference, f), flip_pairs=()) for f in ("default", "tta")}
+        alternatives = {k: dataclasses.replace(v, flip_pairs=()) for k, v in self.inference.alternatives.items()}
+        return dataclasses.replace(
+            self, num_classes=num_classes, class_names=class_names, palette=palette,
+            architecture=freeze({**thaw(self.architecture), "num_classes": num_classes}),
+            reported=freeze({k: None for k in self.reported}),
+            inference=dataclasses.replace(self.inference, **no_pairs, alternatives=ReadOnlyMapping(alternatives)))
+
+
+def generated_palette(n: int) -> tuple[tuple[int, int, int], ...]:
+    """``n`` distinct colours: the PASCAL VOC colour map (bits of the index spread over r, g, b)."""
+    colours = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)
 
 
 def cards_dir() -> Path:

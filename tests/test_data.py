@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from segtorch.data import (ADE20K, COCOStuff10k, IGNORE_INDEX, LIP, VOC, Cityscapes, DatasetError, ImageFolderDataset,
-                           PascalContext59, TrainingSet, build_dataset, build_transforms, with_crop_size)
+                           PascalContext59, TrainingSet, build_dataset, build_transforms, check_dataset,
+                           with_crop_size)
 from segtorch.data.transforms import Padding, RandomCrop, RandomFlip, Resize
 from toolbox import toolbox_file
 
@@ -273,6 +274,49 @@ def test_image_folder_errors_name_the_path(tmp_path):
         ImageFolderDataset(tmp_path / "empty", masks, num_classes=8)
     with pytest.raises(DatasetError, match=r"nowhere: no such directory"):
         ImageFolderDataset(tmp_path / "nowhere", masks, num_classes=8)
+
+
+def test_dataset_check_finds_every_unusable_sample_before_any_is_read(tmp_path):
+    """Another size, a label above the class count, a colour mask, an unreadable image: all found at once, in
+    one line, naming the files; the good samples pass, and a clean set passes whole."""
+    images, masks = _folders(tmp_path / "ok", n=3, values=(0, 1, 255))
+    check_dataset(ImageFolderDataset(images, masks, num_classes=3), workers=2)
+    images, masks = _folders(tmp_path / "bad", n=6, values=(0, 1))
+    write_png(masks / "img1.png", np.zeros((5, 5)))  # another size
+    write_png(masks / "img2.png", np.full((10, 12), 3))  # class 3 of three classes
+    colour = np.zeros((10, 12, 3), np.uint8)
+    colour[:, 6:] = (200, 30, 30)
+    Image.fromarray(colour).save(masks / "img3.png")
+    (images / "img4.jpg").write_bytes(b"not an image")
+    dataset = ImageFolderDataset(images, masks, num_classes=3)
+    with pytest.raises(DatasetError) as caught:
+        check_dataset(dataset, workers=2)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("4 of 6 samples cannot be used: ")
+    assert "img1.png: annotation is 5x5 but image" in message and "img2.png: label value 3 is not a class" in message
+    assert "img3.png: colour mask" in message and "... (4 in all)" in message
+    for i in (1, 2, 3):
+        write_png(masks / f"img{i}.png", np.zeros((10, 12)))
+    with pytest.raises(DatasetError, match=r"^1 of 6 samples cannot be used: .*img4\.jpg: cannot read image"):
+        check_dataset(dataset)
+
+
+def test_dataset_check_sizes_follow_exif_orientation_and_card_datasets_read_headers(tmp_path):
+    images, masks = _folders(tmp_path, n=1, values=(0, 1))  # 12 wide, 10 high
+    im = Image.open(images / "img0.jpg")
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored 12x10, shown turned: 10x12, as the reader returns it
+    im.save(images / "img0.jpg", exif=exif)
+    with pytest.raises(DatasetError, match=r"img0\.png: annotation is 12x10 but image .*img0\.jpg is 10x12"):
+        check_dataset(ImageFolderDataset(images, masks, num_classes=3))
+    write_png(masks / "img0.png", np.zeros((12, 10)))
+    check_dataset(ImageFolderDataset(images, masks, num_classes=3))
+    top = make_ade20k(tmp_path / "ade")
+    check_dataset(ADE20K(top, "val"))  # values outside the classes are the toolbox's "ignore", not errors
+    first = sorted((top / "annotations" / "validation").iterdir())[0]
+    write_png(first, np.zeros((3, 3)))
+    with pytest.raises(DatasetError, match=r"1 of 3 samples cannot be used: .*annotation is 3x3 but image"):
+        check_dataset(ADE20K(top, "val"))
 
 
 def test_bad_roots_are_one_line_errors(tmp_path):

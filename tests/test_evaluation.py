@@ -204,8 +204,9 @@ def test_json_and_markdown_reports(tmp_path):
 class FakeSegmenter:
     """Stands in for segtorch.load(...): predicts class 0 (ADE20K 'wall') everywhere."""
 
-    def __init__(self, record):
+    def __init__(self, record, card):
         self.record = record
+        self.card = card
 
     def preprocessor(self):
         return _first_channel  # a 1 x ... tensor per image is all the loop needs
@@ -223,7 +224,7 @@ def test_reproduce_cli_end_to_end(tmp_path, monkeypatch, capsys):
 
     def fake_load(name, checkpoint=None, device="cpu", precision="fp32"):
         loads.append((name, checkpoint, device))
-        return FakeSegmenter(calls)
+        return FakeSegmenter(calls, segtorch.model_card(name))
 
     monkeypatch.setattr(segtorch, "load", fake_load)
     out_json = tmp_path / "res.json"

@@ -1,9 +1,13 @@
-"""The trainer: the cards' schedule and losses, loss goes down, exact resume, accumulation, DDP (gloo, 2 CPUs)."""
+"""The trainer: the cards' schedule and losses, loss goes down, exact resume (after a crash or Ctrl-C), safe work
+dirs, reproducible seeds, accumulation, DDP (gloo, 2 CPUs), and `segtorch train` end to end on the demo model."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import io
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,9 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from segtorch.cli import main
 from segtorch.data import DatasetError, ImageFolderDataset, TrainingSet, build_transforms
-from segtorch.errors import UsageError
+from segtorch.errors import CheckpointError, UsageError
 from segtorch.train import PolySchedule, TrainConfig, Trainer, build_optimizer, param_groups, segmentation_loss
+from segtorch.train.workdir import default_workers, work_dir_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]])
@@ -247,14 +253,107 @@ def test_resume_after_an_interruption_gives_the_same_weights(tmp_path):
     with pytest.raises(Interrupt):
         Trainer(tiny_pspnet(), train, config("resumed"), callbacks=[interrupt], log=lambda _: None).fit()
     assert torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)["iteration"] == 6
+    with pytest.raises(UsageError, match=r"resumed holds the checkpoint of an earlier run; continue it with --resume"):
+        Trainer(tiny_pspnet(), train, config("resumed"), log=lambda _: None).fit()  # never implicitly
     logs = []
-    resumed = Trainer(tiny_pspnet(seed=1), train, config("resumed"), log=logs.append)  # other init: overwritten
+    resumed = Trainer(tiny_pspnet(seed=1), train, dataclasses.replace(config("resumed"), resume=True),
+                      log=logs.append)  # another init: overwritten
     resumed.fit()
     assert "resumed from" in logs[0] and "at iteration 6" in logs[0]
-    a, b = straight.model.state_dict(), resumed.model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
-    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
-    assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+    _assert_same_training_state(straight, resumed)
+
+
+def _assert_same_training_state(a: Trainer, b: Trainer) -> None:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # bit for bit
+    oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert all(torch.equal(oa[i]["momentum_buffer"], ob[i]["momentum_buffer"]) for i in oa)
+
+
+def test_ctrl_c_writes_a_checkpoint_at_the_iteration_reached_and_resumes_exactly(tmp_path):
+    """The first Ctrl-C lets the iteration finish, writes last.pth there (not at the last save), says where and
+    stops; resuming then gives the weights of an uninterrupted run. A second Ctrl-C stops at once."""
+    _, train = toy_training_set(tmp_path, seed=3)
+
+    def config(name, **kw):  # 4 iterations per epoch, no checkpoint between epoch ends
+        return TrainConfig(work_dir=str(tmp_path / name), max_iters=6, batch_size=2, num_workers=0, optimizer=SGD,
+                           losses=LOSSES, seed=3, **kw)
+
+    straight = Trainer(tiny_pspnet(), train, config("straight"), log=lambda _: None)
+    straight.fit()
+
+    def ctrl_c(trainer):
+        if trainer.iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    logs = []
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_pspnet(), train, config("stopped"), callbacks=[ctrl_c], log=logs.append).fit()
+    assert torch.load(tmp_path / "stopped" / "last.pth", weights_only=True)["iteration"] == 2
+    assert logs[-1] == (f"interrupted at iteration 2/6: resumable checkpoint {tmp_path / 'stopped' / 'last.pth'} "
+                        f"(continue with --resume --work-dir {tmp_path / 'stopped'})")
+    assert (tmp_path / "stopped" / "train.log").read_text().splitlines()[-1] == logs[-1]
+    assert not (tmp_path / "stopped" / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    resumed = Trainer(tiny_pspnet(seed=1), train, config("stopped", resume=True), log=lambda _: None)
+    resumed.fit()
+    _assert_same_training_state(straight, resumed)
+
+    def ctrl_c_twice(trainer):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_pspnet(), train, config("aborted"), callbacks=[ctrl_c_twice], log=lambda _: None).fit()
+    assert not (tmp_path / "aborted" / "last.pth").exists()  # stopped at once, no checkpoint written
+
+
+def test_resuming_with_other_settings_is_refused_in_one_line(tmp_path):
+    _, train = toy_training_set(tmp_path)
+    config = TrainConfig(work_dir=str(tmp_path / "run"), max_iters=2, batch_size=2, num_workers=0, optimizer=SGD,
+                         losses=LOSSES, log_interval=1)
+    Trainer(tiny_pspnet(), train, config, log=lambda _: None).fit()
+    before = (tmp_path / "run" / "last.pth").read_bytes()
+    other = dataclasses.replace(config, resume=True, optimizer={**SGD, "lr": 0.1}, max_iters=4)
+    with pytest.raises(UsageError, match=r"run/last\.pth was written with other settings \(max_iters 2 -> 4; "
+                                         r"optimizer\.lr 0\.05 -> 0\.1\): resume with the same settings"):
+        Trainer(tiny_pspnet(), train, other, log=lambda _: None).fit()
+    # where it runs and how it reports may change
+    same = dataclasses.replace(config, resume=True, log_interval=5, device="cpu", num_workers=1)
+    assert Trainer(tiny_pspnet(), train, same, log=lambda _: None).fit()["iteration"] == 2
+    with pytest.raises(UsageError, match=r"nothing to resume: .*fresh/last\.pth does not exist"):
+        Trainer(tiny_pspnet(), train, dataclasses.replace(config, resume=True, work_dir=str(tmp_path / "fresh"))).fit()
+    (tmp_path / "run" / "last.pth").write_bytes(before[:100])
+    with pytest.raises(CheckpointError, match="cannot resume from this checkpoint"):
+        Trainer(tiny_pspnet(), train, dataclasses.replace(config, resume=True), log=lambda _: None).fit()
+
+
+def test_a_work_dir_in_use_is_refused(tmp_path):
+    """A second training run on a work dir in use (here: held by another process) is refused at once."""
+    _, train = toy_training_set(tmp_path)
+    work = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+                               "from segtorch.train.workdir import work_dir_lock\n"
+                               f"with work_dir_lock({str(work)!r}):\n print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        config = TrainConfig(work_dir=str(work), max_iters=1, batch_size=2, num_workers=0, optimizer=SGD,
+                             losses=LOSSES)
+        with pytest.raises(UsageError, match=rf"run is in use by another training run \(pid {holder.pid}\); wait"):
+            Trainer(tiny_pspnet(), train, config, log=lambda _: None).fit()
+        assert not (work / "last.pth").exists()
+    finally:
+        holder.communicate("", timeout=30)
+    with work_dir_lock(work), work_dir_lock(work):  # free again; re-entrant within a process
+        pass
+
+
+def test_default_workers_fit_the_machine(monkeypatch):
+    for cpus, processes, expected in ((1, 1, 0), (2, 1, 1), (16, 1, 4), (16, 8, 1), (8, 8, 0)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+        assert default_workers() == expected, (cpus, processes)
 
 
 class _PlainNet(nn.Module):
@@ -321,6 +420,21 @@ result = trainer.fit()
 params = {{k: v.detach() for k, v in trainer.model.named_parameters()}}
 torch.save({{"params": params, "seen": [i for i, _ in trainer.sampler], "miou": result["eval"]["miou"]}},
            os.path.join({work!r}, f"rank{{trainer.rank}}.pt"))
+
+
+def ctrl_c_on_rank_1(trainer):  # the other process must stop at the same iteration
+    if trainer.rank == 1 and trainer.iteration == 1:
+        import signal
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+config = TrainConfig(max_iters=4, batch_size=2, num_workers=0, optimizer=sgd, losses=losses, export_name="tiny")
+stopped = Trainer(tiny_pspnet(), TrainingSet(dataset, build_transforms(pipeline)), config, callbacks=[ctrl_c_on_rank_1])
+try:
+    stopped.fit()
+except KeyboardInterrupt:
+    torch.save({{"iteration": stopped.iteration, "work_dir": str(stopped.work_dir)}},
+               os.path.join({work!r}, f"stopped{{stopped.rank}}.pt"))
 '''
 
 
@@ -332,7 +446,7 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path):
                                         losses=LOSSES, sgd=SGD, images=str(images), masks=str(masks), work=str(work)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script)], capture_output=True, text=True, timeout=240, env=env)
+                          str(script)], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 processes per iteration" in out.stdout and "iter 4/4" in out.stdout
     ranks = [torch.load(work / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -343,6 +457,12 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path):
     assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"])  # each process its own share of the data
     ckpt = torch.load(work / "last.pth", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and (work / "model.safetensors").is_file()
+    # a Ctrl-C that reaches one process stops both at one iteration, in the one work dir the first chose
+    stopped = [torch.load(work / f"stopped{r}.pt", weights_only=True) for r in (0, 1)]
+    run = tmp_path / "work_dirs" / "tiny" / "run1"
+    assert [s["iteration"] for s in stopped] == [1, 1] and {s["work_dir"] for s in stopped} == {"work_dirs/tiny/run1"}
+    assert torch.load(run / "last.pth", weights_only=True)["iteration"] == 1
+    assert "interrupted at iteration 1/4" in (run / "train.log").read_text()
 
 
 # ---- configuration and command-line errors ----------------------------------------------------------------
@@ -360,9 +480,10 @@ def test_config_from_card_and_refusals(tmp_path):
         Trainer(_PlainNet(), train, TrainConfig(work_dir=str(tmp_path), max_iters=1, batch_size=16))
 
 
-def test_train_command_bad_input(tmp_path):
+def test_train_command_bad_input(tmp_path, monkeypatch):
     from segtorch.cli.train import add_parser as add_train_parser
 
+    monkeypatch.chdir(tmp_path)
     parser = argparse.ArgumentParser(prog="segtorch")
     add_train_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "pspnet_resnet50os8_voc", "--work-dir", str(tmp_path)])
@@ -375,6 +496,8 @@ def test_train_command_bad_input(tmp_path):
     args = parser.parse_args(["train", "pspnet_resnet50os8_voc", "--data-root", str(tmp_path)])
     with pytest.raises(DatasetError, match=r"does not hold PASCAL VOC 2012 \(expected JPEGImages/"):
         args.func(args)
+    logs = sorted((tmp_path / "work_dirs" / "pspnet_resnet50os8_voc").glob("run*/train.log"))
+    assert [p.read_text().split(":")[0] for p in logs] == ["error", "error"]  # data errors: in the run's log too
 
 
 # ---- fine-tuning MCIBI / IDRNet with other classes ------------------------------------------------------
@@ -410,3 +533,120 @@ def test_fine_tuning_with_other_classes_starts_the_training_state_afresh(name, t
     assert all(k in note for k in checked)
     if "idrnet" in name:
         assert torch.equal(model.selected_classes_counter, torch.full((5,), 1e-6)) and "selected_classes_counter" in note
+
+
+# ---- `segtorch train` end to end on the demo model ------------------------------------------------------------
+DEMO = "demo_pspnet_shapes"  # six classes, 2M parameters: trained here for eight
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def _train_args(shapes: Path, *extra) -> list:
+    return ["train", DEMO, "--images", shapes / "train" / "images", "--masks", shapes / "train" / "masks",
+            "--num-classes", 8, "--crop-size", 48, 48, "--iters", 2, "--batch-size", 2, "--log-interval", 1, *extra]
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    """Three runs of one command from a fresh folder: two with seed 0 (their own default work dirs, one with a
+    data-loading process), one with seed 1."""
+    from segtorch.data.synthetic import write_split
+
+    root = tmp_path_factory.mktemp("demo_runs")
+    for split, count in (("train", 4), ("val", 2)):
+        write_split(root / "shapes", split, count, size=64)
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        torch.set_num_threads(1)
+        val = ["--val-images", root / "shapes" / "val" / "images", "--val-masks", root / "shapes" / "val" / "masks"]
+        results = [run_cli(*_train_args(root / "shapes", "--workers", 1, *val)),
+                   run_cli(*_train_args(root / "shapes", "--workers", 0)),
+                   run_cli(*_train_args(root / "shapes", "--workers", 0, "--seed", 1, "--work-dir", root / "seed1"))]
+    finally:
+        os.chdir(here)
+    for code, out, err in results:
+        assert code == 0, err
+    return root, results
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_a_model_fine_tuned_with_its_own_classes_loads_predicts_and_evaluates(demo_runs, tmp_path):
+    import segtorch
+
+    root, _ = demo_runs
+    weights = root / "work_dirs" / DEMO / "run1" / "model.safetensors"
+    seg = segtorch.load(DEMO, checkpoint=weights)
+    names = tuple(f"class_{i}" for i in range(8))
+    assert seg.card.num_classes == 8 and seg.card.class_names == names and len(seg.card.palette) == 8
+    image = sorted((root / "shapes" / "val" / "images").iterdir())[0]
+    assert seg.predict(image).shape == (64, 64) and seg.predict(image).max() < 8
+    code, out, err = run_cli("predict", image, "--model", DEMO, "--checkpoint", weights, "--out", tmp_path / "out",
+                             "--legend")
+    assert code == 0, err
+    assert (tmp_path / "out" / f"{image.stem}_labels.png").is_file()
+    assert (tmp_path / "out" / f"{image.stem}_legend.png").is_file()
+    code, out, err = run_cli("eval", DEMO, "--data-root", root / "shapes", "--checkpoint", weights, "--workers", 0,
+                             "--no-progress")
+    assert code == 0, err
+    assert "class_7" in out and "2 images in" in out
+
+
+def test_one_seed_gives_bit_identical_weights_in_a_new_work_dir_per_run(demo_runs):
+    root, results = demo_runs
+    runs = root / "work_dirs" / DEMO
+    assert sorted(p.name for p in runs.iterdir()) == ["run1", "run2"]  # one per run, by default
+    assert f"work dir work_dirs/{DEMO}/run1" in results[0][1] and "1 loading processes" in results[0][1]
+    first, second, other = (_tensors(p / "model.safetensors") for p in (runs / "run1", runs / "run2", root / "seed1"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["decoder.1.weight"], other["decoder.1.weight"])  # the seed decides
+
+    def losses(out):  # the loss lines, less the timings
+        return [line.split("]")[0] for line in out.splitlines() if line.startswith("iter ")]
+
+    assert losses(results[0][1]) == losses(results[1][1]) != losses(results[2][1])
+    assert len(losses(results[0][1])) == 2
+
+
+def test_a_work_dir_is_resumed_only_when_asked_and_with_its_settings(demo_runs, monkeypatch):
+    root, _ = demo_runs
+    monkeypatch.chdir(root)
+    shapes, run2 = root / "shapes", root / "work_dirs" / DEMO / "run2"
+    before = (run2 / "last.pth").read_bytes()
+    code, out, err = run_cli(*_train_args(shapes, "--work-dir", run2))
+    assert code == 1 and err == (f"segtorch: error: {run2} holds the checkpoint of an earlier run; continue it with "
+                                 f"--resume, or leave out --work-dir for a new run's folder\n")
+    code, out, err = run_cli(*_train_args(shapes, "--resume", "--lr", 0.02))  # the latest run: run2
+    assert code == 1 and err.count("\n") == 1 and "optimizer.lr 0.01 -> 0.02" in err and out == ""
+    code, out, err = run_cli(*_train_args(shapes, "--resume", "--num-classes", 7))
+    assert code == 1 and "run2/last.pth was written with other settings (class_names: 8 -> 7 entries" in err
+    assert (run2 / "last.pth").read_bytes() == before
+    assert (run2 / "train.log").read_text().count("\nerror: ") == 3  # each refusal in the run's log too
+    code, out, err = run_cli(*_train_args(shapes, "--resume", "--workers", 0))
+    assert code == 0, err
+    assert f"resumed from work_dirs/{DEMO}/run2/last.pth at iteration 2" in out
+    assert sorted(p.name for p in (root / "work_dirs" / DEMO).iterdir()) == ["run1", "run2"]
+
+
+def test_dataset_problems_are_found_before_the_model_is_built_and_logged(tmp_path, monkeypatch):
+    from segtorch.train import finetune
+
+    monkeypatch.chdir(tmp_path)
+    images, masks = make_toy(tmp_path / "toy", n=4)
+    Image.fromarray(np.full((48, 48), 9, np.uint8)).save(masks / "2.png")  # class 9 of eight
+    monkeypatch.setattr(finetune, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    code, out, err = run_cli("train", DEMO, "--images", images, "--masks", masks, "--num-classes", 8, "--iters", 1)
+    assert code == 1 and err == (f"segtorch: error: 1 of 4 samples cannot be used: {masks / '2.png'}: label value 9 "
+                                 f"is not a class (0..7) nor the ignore value 255\n")
+    log = (tmp_path / "work_dirs" / DEMO / "run1" / "train.log").read_text()
+    assert log == "error: " + err.split("error: ", 1)[1]

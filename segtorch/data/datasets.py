@@ -132,6 +132,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     layout: ClassVar[str] = ""  # one line for error messages: what the top folder holds
     reduce_zero_label: ClassVar[bool] = False  # stored 0 = unlabelled, class k stored as k + 1
     id_to_class: ClassVar[dict[int, int] | None] = None  # stored value -> class (others ignored)
+    decode_masks_to_check: ClassVar[bool] = False  # checks.check_dataset reads mask headers only
 
     def __init__(self, root: str | Path, split: str = "val", class_names: Sequence[str] | None = None):
         self.root = self.locate(root)
@@ -427,6 +428,7 @@ class ImageFolderDataset(SegmentationDataset):
 
     title = "image/mask folder"
     splits = ("all",)
+    decode_masks_to_check = True  # every value must be a class or the ignore value
 
     def __init__(self, images: str | Path, masks: str | Path, num_classes: int | None = None,
                  class_names: Sequence[str] | None = None, ignore_index: int = 255, reduce_zero_label: bool = False,

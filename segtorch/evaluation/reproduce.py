@@ -36,6 +36,9 @@ def evaluate_model(name: str, data_root: str, *, checkpoint=None, tta: bool = Fa
     dataset = dataset_class(card.dataset)(data_root, split, class_names=card.class_names)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     seg = segtorch.load(card.name, checkpoint=checkpoint, device=device, precision=precision)
+    if seg.card.class_names != card.class_names:  # a checkpoint trained for other classes
+        card = seg.card
+        dataset = dataset_class(card.dataset)(data_root, split, class_names=card.class_names)
     whole = (card.inference.tta if tta else card.inference.default).mode == "whole"
     return timed_evaluate(lambda batch, size: seg.predict_prepared(batch, size, tta=tta), dataset,
                           name=card.name, dataset_key=card.dataset, tta=tta, class_names=card.class_names,

@@ -9,7 +9,8 @@ from ..lazy import lazy_attributes
 _LAZY = {"PolySchedule": "optim", "build_optimizer": "optim", "clip_gradients": "optim", "param_groups": "optim",
          "segmentation_loss": "losses", "training_losses": "losses", "configured_loss": "losses",
          "EpochSampler": "trainer", "TrainConfig": "trainer", "Trainer": "trainer", "init_distributed": "trainer",
-         "whole_image_predictor": "trainer", "build_model": "finetune"}
+         "whole_image_predictor": "trainer", "seed_everything": "trainer", "check_resumable": "trainer",
+         "build_model": "finetune"}
 __all__ = sorted(_LAZY)
 
 

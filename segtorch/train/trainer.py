@@ -6,12 +6,15 @@
 
 - the loop counts optimizer steps ("iterations"); an iteration is ``accumulate`` micro-batches of
   ``batch_size`` images on each of the ``world_size`` processes;
-- ``<work_dir>/last.pth`` holds model, optimizer, schedule (the iteration), grad scaler and every
-  process's RNG state; it is written atomically (temporary file, then rename) every ``save_interval``
-  iterations and at each epoch's end, and a new ``fit()`` resumes from it: data order and augmentation
-  depend only on (seed, epoch, index), so a resumed run gives the weights an uninterrupted one gives;
-- ``<work_dir>/model.safetensors``: the trained weights (without the training-only auxiliary heads),
-  loadable with ``segtorch.load(name, checkpoint=...)``;
+- the work dir (default: a new ``work_dirs/<model>/run<N>``) is locked while ``fit()`` runs;
+- ``<work_dir>/last.pth`` holds model, optimizer, schedule (the iteration), grad scaler, every process's RNG
+  state and the run's settings; it is written atomically (temporary file, then rename) every
+  ``save_interval`` iterations, at each epoch's end and on Ctrl-C (at the iteration reached). ``fit()``
+  continues from it only with ``resume=True``, and only with the settings that wrote it (else it refuses, as
+  it refuses to start afresh over it): data order and augmentation depend only on (seed, epoch, index), so a
+  resumed run gives the weights an uninterrupted one gives;
+- ``<work_dir>/model.safetensors``: the trained weights (without the training-only auxiliary heads) and, in
+  the metadata, the classes they predict: ``segtorch.load(name, checkpoint=...)`` builds the model for them;
 - DDP with a sampler that gives each process its share; ``sync_bn`` converts BatchNorm to SyncBatchNorm
   (CUDA only); AMP (``amp="fp16"|"bf16"``) on CUDA; log lines with loss, lr, speed and ETA.
 """
@@ -23,6 +26,9 @@ import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -39,6 +45,7 @@ from .optim import PolySchedule, build_optimizer, clip_gradients
 from ..errors import CheckpointError, UsageError
 from ..files import atomic_path
 from ..inference.precision import check_device
+from .workdir import default_workers, new_run_dir, work_dir_lock
 
 CHECKPOINT_FORMAT = "segtorch-train-1"
 
@@ -49,7 +56,7 @@ FAMILY_TRAINING_KEYS = ("memory_update", "memory_loss")
 
 @dataclasses.dataclass
 class TrainConfig:
-    work_dir: str = "work_dirs/segtorch"
+    work_dir: str | None = None  # None: a new work_dirs/<export_name>/run<N>
     max_iters: int | None = None  # optimizer steps; None: epochs x iterations per epoch
     epochs: int | None = None
     batch_size: int = 2  # images per process per micro-batch
@@ -62,16 +69,19 @@ class TrainConfig:
     clip_grad: dict | None = None  # the scheduler's clipgrad_cfg, e.g. {"max_norm": 35, "norm_type": 2}
     family_settings: dict | None = None  # the card's family training settings (MCIBI's memory_update/_loss)
     amp: str = "none"  # "fp16" | "bf16" (CUDA)
-    num_workers: int = 2
+    num_workers: int | None = None  # None: what this machine's CPUs allow (workdir.default_workers)
     seed: int = 0
     log_interval: int = 10
     save_interval: int = 0  # iterations between checkpoints (besides every epoch's end); 0: epoch ends only
     eval_interval: int = 0  # iterations between evaluations; 0: only at the end (when there is a val set)
     sync_bn: bool = False
     find_unused_parameters: bool = False
-    resume: bool = True
+    resume: bool = False  # continue from <work_dir>/last.pth (written with these settings)
     device: str | None = None  # default: this process's GPU (LOCAL_RANK) or the CPU
     export_name: str | None = None  # model name written into model.safetensors' metadata
+    class_names: tuple[str, ...] | None = None  # the classes trained, written into model.safetensors' metadata
+    palette: tuple[tuple[int, int, int], ...] | None = None
+    data: dict | None = None  # what the training data is (folders, split, pipeline): checked when resuming
 
     @classmethod
     def from_card(cls, card, **overrides) -> "TrainConfig":
@@ -84,6 +94,94 @@ class TrainConfig:
                       align_corners=card.architecture["align_corners"], export_name=card.name)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+# settings that may change when a run is resumed: where it runs, how it reports, how fast it reads
+RESUMABLE_CHANGES = ("work_dir", "device", "num_workers", "log_interval", "save_interval", "eval_interval", "resume")
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators (every device), before anything random happens."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _settings(config: "TrainConfig") -> dict:
+    """The settings a checkpoint records, as JSON values."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def check_resumable(path: str | Path, config: "TrainConfig") -> None:
+    """Refuse, in one line, to continue ``path`` with settings other than those that wrote it. Cheap: the
+    file is memory-mapped, its tensors are not read."""
+    path = Path(path)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config")
+    except Exception as e:  # noqa: BLE001 - any failure means the file cannot be resumed from
+        raise CheckpointError(f"{path}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
+    if saved is None:
+        return
+    # settings a checkpoint of an older segtorch does not record are not known to differ
+    now = {k: v for k, v in _settings(config).items() if k not in RESUMABLE_CHANGES and k in saved}
+    differ = _differences({k: saved[k] for k in now}, now)
+    if differ:
+        shown = "; ".join(differ[:4]) + (f"; ... ({len(differ)} in all)" if len(differ) > 4 else "")
+        raise UsageError(f"{path} was written with other settings ({shown}): resume with the same settings, or "
+                         f"train in another work dir")
+
+
+def _differences(saved, now, prefix: str = "") -> list[str]:
+    """``name saved -> now`` for each setting that differs, down to the nested key."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now), key=str)
+                for d in _differences(saved.get(k), now.get(k), f"{prefix}{k}.")]
+    if saved == now:
+        return []
+    if isinstance(saved, list) and isinstance(now, list):
+        if len(saved) != len(now):
+            return [f"{prefix[:-1]}: {len(saved)} -> {len(now)} entries"]
+        if all(isinstance(v, dict) for v in saved + now):  # e.g. the steps of a pipeline
+            return [d for i, (a, b) in enumerate(zip(saved, now)) for d in _differences(a, b, f"{prefix}{i}.")]
+    return [f"{prefix[:-1]} {_short(saved)} -> {_short(now)}"]
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class _StopRequest:
+    """Ctrl-C during ``fit``: the first asks the loop to stop after the current iteration (and write a
+    checkpoint there); a second stops at once."""
+
+    def __init__(self, announce: bool = True):
+        self.requested = False
+        self._announce = announce  # one process of a distributed run speaks
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self._announce:
+            print("\nCtrl-C: stopping after this iteration to write a resumable checkpoint (Ctrl-C again: stop at "
+                  "once, without one)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Data-loading processes leave Ctrl-C to the training process, which stops at an iteration's end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---- distributed ------------------------------------------------------------------------------------------
@@ -185,11 +283,9 @@ class Trainer:
             raise UsageError(f"amp={c.amp!r} is offered on CUDA only; this run is on {self.device}")
         if c.accumulate < 1 or c.batch_size < 1:
             raise UsageError("batch_size and accumulate must be at least 1")
-        self.work_dir = Path(c.work_dir).expanduser()
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir = self._work_dir(c)
         self._log = log
-        torch.manual_seed(c.seed + self.rank)  # dropout etc.; restored from the checkpoint when resuming
-        random.seed(c.seed + self.rank)
+        seed_everything(c.seed + self.rank)  # dropout etc.; restored from the checkpoint when resuming
 
         model = model.to(self.device)
         if c.sync_bn and self.world > 1:
@@ -218,8 +314,21 @@ class Trainer:
         self.max_iters = c.max_iters if c.max_iters is not None else c.epochs * self.iters_per_epoch
         self.schedule = PolySchedule.from_config(c.scheduler, c.optimizer["lr"], self.max_iters)
         self.val_set, self.predict, self.callbacks = val_set, predict, list(callbacks)
+        self.num_workers = default_workers() if c.num_workers is None else c.num_workers
         self.iteration = 0
+        self._saved_at: int | None = None
         self.history: list[dict] = []
+
+    def _work_dir(self, c: TrainConfig) -> Path:
+        """The config's work dir, or a new one per run (chosen by the first process, the same for all)."""
+        if c.work_dir is not None:
+            path = Path(c.work_dir).expanduser()
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        chosen = [str(new_run_dir(c.export_name or "custom")) if self.rank == 0 else None]
+        if self.world > 1:
+            dist.broadcast_object_list(chosen, src=0)
+        return Path(chosen[0])
 
     # ---- logging -----------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -248,6 +357,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Every process takes part (RNG states are gathered); the first one writes."""
+        self._saved_at = self.iteration
         rng = self._rng_state()
         if self.rank == 0:
             _save_atomic({
@@ -270,6 +380,7 @@ class Trainer:
             raise CheckpointError(f"{path}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path}: not a segtorch training checkpoint")
+        check_resumable(path, self.config)
         self.model.load_state_dict(ckpt["model"])
         buffers = dict(self.model.named_buffers())
         with torch.no_grad():
@@ -297,8 +408,12 @@ class Trainer:
 
         path = Path(path) if path is not None else self.work_dir / "model.safetensors"
         state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("auxiliary_decoder.")}
+        from ..checkpoint import classes_metadata
+
         meta = safetensors_metadata(self.config.export_name or "custom", None)
         meta["trained_iterations"] = str(self.iteration)
+        if self.config.class_names is not None:
+            meta.update(classes_metadata(self.config.class_names, self.config.palette or ()))
         if self.rank == 0:
             write_safetensors(state, path, meta)
         return path
@@ -307,8 +422,8 @@ class Trainer:
     def _loader(self) -> torch.utils.data.DataLoader:
         c = self.config
         return torch.utils.data.DataLoader(
-            self.train_set, batch_size=c.batch_size, sampler=self.sampler, num_workers=c.num_workers,
-            pin_memory=self.device.type == "cuda", drop_last=True,
+            self.train_set, batch_size=c.batch_size, sampler=self.sampler, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", drop_last=True, worker_init_fn=_ignore_sigint,
             # its own generator: making the iterator must not draw from the global RNG (exact resume)
             generator=torch.Generator().manual_seed(c.seed))
 
@@ -362,12 +477,47 @@ class Trainer:
         return dict(zip(keys, stacked.tolist()))
 
     def fit(self) -> dict:
+        """Train to ``max_iters``, holding the work dir's lock. Ctrl-C stops at the end of an iteration, writes
+        ``last.pth`` there, says where, and raises ``KeyboardInterrupt``."""
+        with work_dir_lock(self.work_dir) if self.rank == 0 else contextlib.nullcontext():
+            self._start()
+            with _StopRequest(announce=self.rank == 0) as stop:
+                last_eval, stopped = self._train(stop)
+            if stopped:
+                self.log(f"interrupted at iteration {self.iteration}/{self.max_iters}: resumable checkpoint "
+                         f"{self.checkpoint_path} (continue with --resume --work-dir {self.work_dir})")
+                raise KeyboardInterrupt
+            if self.val_set is not None and (last_eval is None or last_eval["iteration"] != self.iteration):
+                last_eval = self.evaluate()
+            path = self.export()
+            self.log(f"done: {self.iteration} iterations; weights in {path}")
+        return {"iteration": self.iteration, "history": self.history, "eval": last_eval, "weights": str(path)}
+
+    def _start(self) -> None:
+        """Resume when asked; never train over a checkpoint that was not asked for."""
         c = self.config
-        if c.resume and self.checkpoint_path.is_file():
+        if c.resume:
+            if not self.checkpoint_path.is_file():
+                raise UsageError(f"nothing to resume: {self.checkpoint_path} does not exist")
             self.load_checkpoint(self.checkpoint_path)
+        elif self.checkpoint_path.is_file():
+            raise UsageError(f"{self.work_dir} holds the checkpoint of an earlier run; continue it with --resume "
+                             f"(resume=True), or train in another work dir")
         self.log(f"training {type(self.model).__name__}: {self.max_iters} iterations, {self.iters_per_epoch}/epoch, "
                  f"{c.batch_size} x {c.accumulate} images x {self.world} processes per iteration, "
-                 f"on {self.device}, amp {c.amp}, work dir {self.work_dir}")
+                 f"on {self.device}, amp {c.amp}, {self.num_workers} loading processes, work dir {self.work_dir}")
+
+    def _stop_agreed(self, stop: _StopRequest) -> bool:
+        """Whether any process was asked to stop (all of them stop at the same iteration)."""
+        if self.world == 1:
+            return stop.requested
+        flag = torch.tensor([float(stop.requested)], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _train(self, stop: _StopRequest) -> tuple[dict | None, bool]:
+        """The loop: (the last evaluation, whether a Ctrl-C stopped it; its checkpoint is written then)."""
+        c = self.config
         self.model.train()
         window_start, window_iters, window_parts = time.perf_counter(), 0, {}
         last_eval = None
@@ -396,11 +546,11 @@ class Trainer:
                     last_eval = self.evaluate()
                 for callback in self.callbacks:
                     callback(self)
-        if self.val_set is not None and (last_eval is None or last_eval["iteration"] != self.iteration):
-            last_eval = self.evaluate()
-        path = self.export()
-        self.log(f"done: {self.iteration} iterations; weights in {path}")
-        return {"iteration": self.iteration, "history": self.history, "eval": last_eval, "weights": str(path)}
+                if self.iteration < self.max_iters and self._stop_agreed(stop):  # else: finish (export)
+                    if self._saved_at != self.iteration:
+                        self.save_checkpoint()
+                    return last_eval, True
+        return last_eval, False
 
     def _log_step(self, epoch: int, lr: float, losses: dict[str, float], seconds: float) -> None:
         total = sum(losses.values())
