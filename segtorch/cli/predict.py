@@ -245,14 +245,15 @@ def cmd_predict(args) -> int:
     outputs = _parse_outputs(args)
     out = _check_options(args)
     all_files, errors, notes = expand_inputs(args.inputs, out, recursive=getattr(args, "recursive", True))
+    created = _missing_folders(out)  # before any process of a torchrun group can make them (join waits for all)
     shard = sharding.join(args.device)
     try:
-        return _predict(args, shard, outputs, out, all_files, errors, notes)
+        return _predict(args, shard, outputs, out, created, all_files, errors, notes)
     finally:
         sharding.leave(shard)
 
 
-def _predict(args, shard, outputs, out, all_files, errors, notes) -> int:
+def _predict(args, shard, outputs, out, created, all_files, errors, notes) -> int:
     from tqdm import tqdm
 
     from .. import load
@@ -275,7 +276,6 @@ def _predict(args, shard, outputs, out, all_files, errors, notes) -> int:
     reference = None
     if args.check_agreement and (args.precision != "fp32" or args.compile):
         reference = Segmenter(seg.model, seg.card, device=seg.device)  # same weights, fp32, not compiled
-    created = _missing_folders(out)
     out.mkdir(parents=True, exist_ok=True)  # here, so that a folder that cannot be made fails before any work
     if shard.leader:
         share = f" ({shard.world_size} processes)" if shard.world_size > 1 else ""
@@ -308,9 +308,9 @@ def _predict(args, shard, outputs, out, all_files, errors, notes) -> int:
                               workers=args.workers, on_progress=bar.update)
     finally:
         bar.close()
-    seconds = time.perf_counter() - t_start
     written, failed, interrupted, agree, total = sum_over_processes(
         shard, [result.written, result.failed, int(result.interrupted), *agreement])
+    seconds = time.perf_counter() - t_start  # until the last process finished
     if not written and shard.leader:  # no result: the folders this run made are not left behind, empty
         _remove_empty(out, created)
     inputs = len(all_files) + len(errors)
