@@ -112,9 +112,11 @@ def measure(name: str, args, device: torch.device, tmp: Path) -> dict:
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode:
             sys.exit(f"the command failed:\n{res.stderr}")
-        # the seconds from the images per second it prints (4 significant digits)
-        match = re.search(r"(\d+) of (\d+) inputs segmented in [\d.]+s \(([\d.]+) images/s\)", res.stderr)
-        commands.append(int(match.group(1)) / float(match.group(3)))
+        # the seconds it prints (2 decimals), or where they are few, from its images per second: the more
+        # significant digits of the two
+        match = re.search(r"(\d+) of (\d+) inputs segmented in ([\d.]+)s \(([\d.]+) images/s\)", res.stderr)
+        seconds = float(match.group(3))
+        commands.append(seconds if seconds >= 10 else int(match.group(1)) / float(match.group(4)))
         forwards.append(forwards_once())
     return {"name": name, "size": (w, h), "commands": commands, "forwards": forwards}
 

@@ -220,3 +220,15 @@ def test_an_interrupt_keeps_and_counts_the_results_written(tmp_path, monkeypatch
     assert err[-1] == f"segtorch: interrupted: 4 of 6 inputs segmented; their results are in {out}/"
     assert not any("images/s" in line for line in err)
     assert sorted(p.name for p in out.iterdir()) == [f"{i}_labels.png" for i in range(4)]
+
+
+@pytest.mark.parametrize("dtype,shape", [(np.uint8, (20, 30)), (np.uint16, (20, 30)), (np.uint8, (20, 30, 3))])
+def test_results_read_back_as_written(tmp_path, dtype, shape):
+    """Label maps (16-bit past 256 classes) and RGB pictures: what Pillow reads back is the array written."""
+    from segtorch.cli.predict import write_png
+
+    array = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+    write_png(array, tmp_path / "x.png")
+    back = np.array(Image.open(tmp_path / "x.png"))
+    assert back.dtype == dtype and (back == array).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temporary left
