@@ -19,6 +19,7 @@ _LAZY = {
     "create_model": "api", "load": "api", "convert": "api",
     "Segmenter": "segmenter",
     "download": "downloads",
+    "BatchPredictor": "batch",
 }
 
 __all__ = ["__version__", "ModelCard", "list_models", "model_card", "SegtorchError", "UnknownModelError",

@@ -5,12 +5,9 @@ Nothing here imports another segtorch module.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 import secrets
-import stat
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -50,54 +47,12 @@ def _checked_destination(dst: str | os.PathLike) -> Path:
     return dst
 
 
-_RENAME_EXCHANGE = 2  # linux/fs.h
-
-
-@functools.cache
-def _renameat2():
-    """glibc's ``renameat2`` (2.28+) where this is Linux, else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if function is not None:
-        function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-        function.restype = ctypes.c_int
-    return function
-
-
-def _swapped_in(tmp: Path, dst: Path) -> bool:
-    """Put ``tmp`` in the place of the regular file ``dst`` by exchanging the two names in one step (Linux's
-    ``renameat2(RENAME_EXCHANGE)``), then delete the old file, now under ``tmp``'s name. False, with nothing
-    changed, where that cannot be done: no regular file at ``dst`` (one that becomes a folder between the check
-    and the exchange is exchanged back), not Linux, or a file system without the exchange; the caller then
-    renames."""
-    renameat2 = _renameat2()
-    try:
-        if renameat2 is None or not stat.S_ISREG(os.lstat(dst).st_mode):
-            return False
-    except FileNotFoundError:
-        return False
-    names = os.fsencode(tmp), os.fsencode(dst)
-    if renameat2(-100, names[0], -100, names[1], _RENAME_EXCHANGE) != 0:  # -100: AT_FDCWD
-        return False
-    try:
-        os.unlink(tmp)
-    except IsADirectoryError:  # a folder took ``dst``'s place after the check: put it back; the rename refuses
-        renameat2(-100, names[0], -100, names[1], _RENAME_EXCHANGE)
-        return False
-    return True
-
-
 @contextlib.contextmanager
-def _renamed_onto(tmp: Path, dst: Path, recomputable: bool = False) -> Iterator[None]:
-    """When the block ends without error ``tmp`` is renamed onto ``dst``, else removed. ``recomputable``: an
-    existing ``dst`` is swapped out and deleted instead (``atomic_write`` says why)."""
+def _renamed_onto(tmp: Path, dst: Path) -> Iterator[None]:
+    """When the block ends without error ``tmp`` is renamed onto ``dst``, else removed."""
     try:
         yield
-        if not (recomputable and _swapped_in(tmp, dst)):
-            os.replace(tmp, dst)
+        os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -123,20 +78,11 @@ def atomic_path(dst: str | os.PathLike, durable: bool = False) -> Iterator[Path]
                 os.close(fd)
 
 
-def atomic_write(dst: str | os.PathLike, data: bytes | str, encoding: str = "utf-8", *,
-                 recomputable: bool = False) -> Path:
-    """Write ``data`` to ``dst`` atomically (see ``atomic_path``), through the temporary's own descriptor:
-    opening it again by name costs ``segtorch predict`` ~0.1 ms per file, more with two writer threads.
-
-    ``recomputable``: for outputs that can be made again (``segtorch predict``'s pictures), an existing ``dst``
-    is exchanged with the new file and then deleted (``_swapped_in``), not renamed over. Readers still see the
-    old file or the new one. Renaming over a file makes ext4 allocate and start writing the new data at once
-    (``auto_da_alloc``), so that a power cut leaves the old or the new content rather than an empty file;
-    a 700 KB picture then spent ~0.4 ms waiting on the disk, ~3x its CPU time (0.57 against 0.16 ms). A file
-    written where none was has never had that protection."""
+def atomic_write(dst: str | os.PathLike, data: bytes | str, encoding: str = "utf-8") -> Path:
+    """Write ``data`` to ``dst`` atomically (see ``atomic_path``), through the temporary's own descriptor."""
     dst = _checked_destination(dst)
     fd, tmp = _new_file_beside(dst)
-    with _renamed_onto(tmp, dst, recomputable=recomputable):
+    with _renamed_onto(tmp, dst):
         text = isinstance(data, str)
         with open(fd, "w" if text else "wb", encoding=encoding if text else None) as f:
             f.write(data)

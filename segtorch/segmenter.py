@@ -158,14 +158,25 @@ class Segmenter:
         return images, None
 
     def predict(self, image, tta: bool = False, mode: str | None = None, crop_size=None, stride=None,
-                return_scores: bool = False):
+                return_scores: bool = False, batch_size: int = 4):
         """Label map (H x W numpy int32) for a path, PIL image or HxWx3 uint8 RGB array, through the card's
         own test pipeline (read, resize, normalise, whole/slide, resize back, argmax); ``tta=True`` uses the
         card's ms+flip settings; ``mode``/``crop_size``/``stride`` override the card's. ``return_scores``:
-        also the confidence, (labels, H x W float32 max class probability)."""
+        also the confidence, (labels, H x W float32 max class probability).
+
+        A list (or tuple) of images gives a list of results, in order: images of one size share forward passes,
+        up to ``batch_size`` at a time, wherever they are in the list (``inference.pipeline.predict_list``)."""
+        def infer(batch, size):
+            return self.predict_prepared(batch, size, tta=tta, mode=mode, crop_size=crop_size, stride=stride,
+                                         return_scores=return_scores)
+
+        if isinstance(image, (list, tuple)):
+            from .inference.image import read_image
+            from .inference.pipeline import predict_list
+
+            return predict_list(image, read_image, self.preprocessor(), infer, batch_size)
         image, x = self.prepare(image)
-        (result,) = self.predict_prepared(x, image.shape[:2], tta=tta, mode=mode, crop_size=crop_size,
-                                          stride=stride, return_scores=return_scores)
+        (result,) = infer(x, image.shape[:2])
         return result
 
     def prepare(self, image) -> tuple[np.ndarray, torch.Tensor]:

@@ -192,7 +192,8 @@ def test_json_and_markdown_reports(tmp_path):
     json_path, md_path = write_results([_result()], tmp_path / "out" / "r.json")
     record = json.loads(json_path.read_text())
     assert list(record) == ["name", "dataset", "split", "num_images", "tta", "miou", "aacc", "macc", "iou", "reported",
-                            "subset"]
+                            "subset", "world_size"]
+    assert record["world_size"] == 1
     assert record["iou"] == {"wall": 50.0, "building, edifice": 2 / 3 * 100, "sky": None}  # percent; absent: null
     assert math.isclose(record["miou"], (50.0 + 200 / 3) / 2) and record["reported"] == 42.14 and record["aacc"] == 75.0
     md = md_path.read_text()

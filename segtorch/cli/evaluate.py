@@ -8,6 +8,10 @@ or ``--all``, a folder holding several (``~/data`` with ``ADEChallengeData2016/`
 ``VOCdevkit/VOC2012`` ...); models whose dataset is not there are skipped. Each model is evaluated with its
 card's own test pipeline (``--tta``: the card's multi-scale + flip settings) and its per-class IoU and
 mIoU are printed beside the card's reported figure. Errors are one line; the exit status is non-zero.
+
+Under torchrun (``torchrun --nproc-per-node N -m segtorch.cli eval ...``) each process evaluates every
+N-th image, the per-class counts are summed over the processes (no prediction maps travel), and the first
+process alone prints and writes the report, whose JSON records ``"world_size"``.
 """
 from __future__ import annotations
 
@@ -65,20 +69,31 @@ def select_models(patterns: list[str], everything: bool) -> list[str]:
 
 
 def run(args: argparse.Namespace, out=None, err=None) -> int:
-    from .process_tuning import tune_own_process
-
-    tune_own_process()  # before anything loads torch
-    import segtorch
-
-    from ..data import DatasetError, dataset_class
-    from ..evaluation.evaluator import write_results
-    from ..evaluation.reproduce import evaluate_model
     from ..inference.precision import check_device
+    from . import sharding
 
     out, err = out or sys.stdout, err or sys.stderr
     names = select_models(args.models, args.all)
     if args.device is not None:  # before any dataset is scanned or generated
         check_device(args.device, what="--device")
+    shard = sharding.join(args.device)
+    try:
+        return _run(args, names, shard, out, err)
+    finally:
+        sharding.leave(shard)
+
+
+def _run(args: argparse.Namespace, names: list[str], shard, out, err) -> int:
+    import io
+
+    import segtorch
+
+    from ..data import DatasetError, dataset_class
+    from ..evaluation.evaluator import write_results
+    from ..evaluation.reproduce import evaluate_model
+
+    if not shard.leader:  # the first process prints and writes the report
+        out = err = io.StringIO()
     if args.checkpoint and len(names) > 1:
         raise UsageError(f"--checkpoint applies to one model; {len(names)} selected")
     explicit = len(names) == 1 and not args.all
@@ -89,7 +104,14 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
         from ..data.datasets import Shapes
         from ..downloads import home
 
-        args.data_root = str(Shapes.generate(home() / "data" / "shapes"))  # deterministic: the shipped set
+        root = home() / "data" / "shapes"
+        if shard.leader:
+            Shapes.generate(root)  # deterministic: the shipped set
+        if shard.world_size > 1:  # the others wait until it is written
+            import torch.distributed
+
+            torch.distributed.barrier()
+        args.data_root = str(root)
     roots = {}
     for card in cards:  # where each selected dataset is (once per dataset)
         if card.dataset not in roots:
@@ -112,15 +134,17 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
         if roots[card.dataset] is None:
             continue
         result = evaluate_model(card.name, args.data_root, checkpoint=args.checkpoint, tta=args.tta,
-                                limit=args.limit, split=args.split, device=args.device, precision=args.precision,
-                                workers=args.workers, batch_size=args.batch_size, progress=progress)
+                                limit=args.limit, split=args.split, device=shard.device, precision=args.precision,
+                                workers=args.workers, batch_size=args.batch_size, progress=progress,
+                                distributed=shard.world_size > 1)
         print(result.table(), file=out, flush=True)
         print(f"{result.num_images} images in {result.seconds:.2f}s "
               f"({result.num_images / max(result.seconds, 1e-9):.2f} images/s)", file=out, flush=True)
         if args.precision != "fp32":  # what the faster precision costs, measured on the same images
             exact = evaluate_model(card.name, args.data_root, checkpoint=args.checkpoint, tta=args.tta,
-                                   limit=args.limit, split=args.split, device=args.device, precision="fp32",
-                                   workers=args.workers, batch_size=args.batch_size, progress=progress)
+                                   limit=args.limit, split=args.split, device=shard.device, precision="fp32",
+                                   workers=args.workers, batch_size=args.batch_size, progress=progress,
+                                   distributed=shard.world_size > 1)
             print(f"accuracy cost of {args.precision}: mIoU {result.miou:.2f} vs fp32 {exact.miou:.2f} "
                   f"({result.miou - exact.miou:+.2f})", file=out, flush=True)
         print(file=out)
@@ -132,6 +156,8 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
             rep = f"{r.reported:.2f}" if r.reported is not None else "-"
             delta = f"{r.delta():+.2f}" if r.delta() is not None else ("subset" if r.subset else "-")
             print(f"{r.name:<{width}}  {r.miou:6.2f}  {rep:>8}  {delta:>6}", file=out)
+    if not shard.leader:
+        return 0
     if args.json:
         json_path, md_path = write_results(results, args.json, args.markdown)
         print(f"wrote {json_path} and {md_path}", file=out)

@@ -4,31 +4,25 @@ Each image gets ``<name>_labels.png`` (class indices; 16-bit when there are more
 ``<name>_color.png`` (the dataset's palette), ``<name>_overlay.png``, with ``--scores`` ``<name>_scores.png``
 (the per-pixel max class probability, 0-255) and with ``--legend`` ``<name>_legend.png``; ``--outputs``
 picks which. ``<name>`` is the file's stem, made unique where two inputs share it (``cat_jpg``/``cat_png``
-for files of one folder, input folders mirrored under ``--out`` otherwise). Every input is checked to exist
-before a model is loaded; a missing, unreadable or non-image file gets a one-line error, the others are still
-processed, and the exit status is 1 if any failed (with no result at all, no new output folder is left behind).
-Ctrl-C stops reading and the model; the results already computed are written, counted in one line, and the
-exit status is 130.
-Worker threads read and preprocess ahead of the model (the first images while it loads) and write results
-behind it: between its forward passes when the model's threads take every core (a CPU device, by default),
-beside them otherwise (at a lower priority for a CPU model); equal-sized images share a forward pass. Files
-are written atomically. A process of its own is tuned first (``process_tuning``).
+for files of one folder, input folders mirrored under ``--out`` otherwise). Folders are searched with their
+sub-folders (``--no-recursive``: their own files only); files of a kind not read as images are named. Every
+input is checked to exist before a model is loaded; a missing, unreadable or non-image file gets a one-line
+error, the others are still processed, and the exit status is 1 if any failed (with no result at all, no new
+output folder is left behind). Ctrl-C stops reading and the model; the results already computed are written,
+counted in one line, and the exit status is 130.
+Threads read ahead of the model and write behind it; consecutive equal-sized images share a forward pass
+(``segtorch.inference.pipeline``). Files are written atomically. Under torchrun each process segments every
+world_size-th input and writes its results; the first prints one summary for all (``sharding``).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import glob
-import importlib
 import os
 import sys
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..argtypes import PRECISIONS
-from ..errors import SegtorchError
 from ..imageops import IMAGE_SUFFIXES
 
 OUTPUTS = ("labels", "color", "overlay", "scores", "legend")
@@ -38,10 +32,12 @@ DEFAULT_OUTPUTS = ("labels", "color", "overlay")
 def add_parser(subparsers):
     s = subparsers.add_parser("predict", help="segment images (label map, colour map, overlay)",
                               description=__doc__.splitlines()[0])
-    s.add_argument("inputs", nargs="+", help="image files, folders (their images) or glob patterns")
+    s.add_argument("inputs", nargs="+", help="image files, folders (their images, sub-folders included) or glob "
+                                             "patterns")
     s.add_argument("--model", help="model name (default: the shipped demo model)")
     s.add_argument("--checkpoint", help="local .pth/.safetensors or URL (default: the card's weights)")
-    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu; under torchrun with "
+                                                  "GPUs, each process's own GPU)")
     s.add_argument("--tta", action="store_true", help="the card's multi-scale + flip settings")
     s.add_argument("--mode", choices=("whole", "slide"), help="override the card's inference mode")
     s.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -56,10 +52,11 @@ def add_parser(subparsers):
                         f"{','.join(DEFAULT_OUTPUTS)})")
     s.add_argument("--scores", action="store_true", help="also write the per-pixel confidence (max probability)")
     s.add_argument("--legend", action="store_true", help="also write a legend of the classes present")
+    s.add_argument("--no-recursive", dest="recursive", action="store_false",
+                   help="take a folder's own images only, not those of its sub-folders")
     s.add_argument("--batch-size", type=int, default=4, help="equal-sized images per forward pass (default 4)")
     s.add_argument("--workers", type=int, default=2,
-                   help="threads reading ahead and writing behind (default 2); where the model's threads take "
-                        "every core, they run between its forward passes")
+                   help="threads reading ahead of the model and threads writing behind it (default 2 each)")
     s.set_defaults(func=cmd_predict)
     return s
 
@@ -70,11 +67,29 @@ def _is_own_output(path: Path, out: Path) -> bool:
         any(path.name.endswith(f"_{kind}.png") for kind in OUTPUTS)
 
 
-def expand_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Path], list[str]]:
-    """(existing files to process, one error per input that names nothing). An existing path is a path even
-    when its name holds glob characters; results under ``out`` are skipped; a file named twice is done once."""
-    out = Path(out).resolve() if out is not None else None
-    files, errors, seen = [], [], set()
+def _hidden(path: Path, folder: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)
+
+
+def _skipped_note(folder: str, others: list[Path]) -> str:
+    """One line naming the files of a folder that are not read as images, by kind."""
+    kinds: dict[str, int] = {}
+    for p in others:
+        kinds[p.suffix.lower() or "(no suffix)"] = kinds.get(p.suffix.lower() or "(no suffix)", 0) + 1
+    listed = ", ".join(f"{kind} x{n}" if n > 1 else kind for kind, n in sorted(kinds.items()))
+    examples = ", ".join(p.name for p in others[:3]) + (", ..." if len(others) > 3 else "")
+    return (f"{folder}: skipped {len(others)} file{'s' if len(others) > 1 else ''} not of an image kind "
+            f"segtorch reads ({listed}: {examples}); name a file itself to try it anyway")
+
+
+def expand_inputs(inputs: list[str], out: Path | None = None, recursive: bool = True
+                  ) -> tuple[list[Path], list[str], list[str]]:
+    """(existing files to process, one error per input that names nothing, notes on what a folder held that
+    was skipped). ``~`` is expanded. A folder gives its images (``IMAGE_SUFFIXES``), those of its sub-folders
+    too where ``recursive`` (hidden files and folders left out). An existing path is a path even when its name
+    holds glob characters; results under ``out`` are skipped; a file named twice is done once."""
+    out = Path(out).expanduser().resolve() if out is not None else None
+    files, errors, notes, seen = [], [], [], set()
 
     def add(path: Path) -> None:
         key = path.resolve()
@@ -83,10 +98,17 @@ def expand_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Path
             files.append(path)
 
     for item in inputs:
-        path = Path(item)
+        path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                           and not (out is not None and _is_own_output(p, out)))
+            candidates = sorted(p for p in (path.rglob("*") if recursive else path.iterdir())
+                                if not _hidden(p, path) and p.is_file()
+                                and not (out is not None and _is_own_output(p, out)))
+            found = [p for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES]
+            others = [p for p in candidates if p.suffix.lower() not in IMAGE_SUFFIXES]
+            if others:
+                notes.append(_skipped_note(item, others))
+            if not recursive and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+                notes.append(f"{item}: sub-folders skipped (--no-recursive); leave the option out to include them")
             if not found:
                 errors.append(f"{item}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             for p in found:
@@ -94,14 +116,16 @@ def expand_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Path
         elif path.exists():
             add(path)
         elif any(ch in item for ch in "*?["):
-            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            import glob
+
+            found = sorted(Path(p) for p in glob.glob(os.path.expanduser(item), recursive=True) if Path(p).is_file())
             if not found:
                 errors.append(f"{item}: no file matches")
             for p in found:
                 add(p)
         else:
             errors.append(f"{item}: no such file or folder")
-    return files, errors
+    return files, errors, notes
 
 
 def output_names(files: list[Path]) -> list[str]:
@@ -124,12 +148,37 @@ def output_names(files: list[Path]) -> list[str]:
 
 
 def write_png(array, path: Path) -> None:
-    """An H x W (8/16-bit) or H x W x 3 RGB array as a PNG file, atomically (``inference/png.py``); a result an
-    earlier run left there is swapped out rather than renamed over (``files.atomic_write``'s ``recomputable``)."""
-    from ..files import atomic_write
-    from ..inference.png import encode_png
+    """An H x W (8/16-bit) or H x W x 3 RGB array as a PNG file, atomically."""
+    import cv2
 
-    atomic_write(path, encode_png(array), recomputable=True)
+    from ..files import atomic_write
+
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR
+    ok, data = cv2.imencode(".png", array)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {array.dtype} array of shape {array.shape} as PNG")
+    atomic_write(path, data.tobytes())
+
+
+def render_and_write(seg, out: Path, outputs: list[str], name: str, image, labels, confidence) -> None:
+    """Write one image's chosen results under ``out`` as ``<name>_<kind>.png``."""
+    import numpy as np
+
+    from ..inference.render import blend
+
+    base = out / name
+    base.parent.mkdir(parents=True, exist_ok=True)
+    mask = seg.colorize(labels) if {"color", "overlay"} & set(outputs) else None  # made once for both
+    pictures = {
+        "labels": lambda: labels.astype(np.uint8 if seg.card.num_classes <= 256 else np.uint16),
+        "color": lambda: mask,
+        "overlay": lambda: blend(image, mask),
+        "scores": lambda: np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8),
+        "legend": lambda: seg.legend(labels),
+    }
+    for kind in outputs:
+        write_png(pictures[kind](), base.with_name(f"{base.name}_{kind}.png"))
 
 
 def _missing_folders(path: Path) -> list[Path]:
@@ -180,231 +229,99 @@ def _check_options(args) -> Path:
     from ..errors import UsageError
     from ..inference.precision import check_device
 
-    check_device(args.device, what="--device")
+    if args.device is not None:
+        check_device(args.device, what="--device")
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError("--batch-size must be at least 1 and --workers at least 0")
-    out = Path(args.out)
+    out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is an existing file, not a folder; name a folder (it is created)")
     return out
 
 
-# How much lower the reading and writing threads run than the model's when they run beside a CPU model that
-# leaves some cores free (``model_takes_every_core`` false): a decode or encode that preempts one of its OpenMP
-# threads stalls all of them at the next barrier. 48 JPEGs on 2 Zen 5 cores, helpers beside the model
-# (benchmarks/predict_throughput.py's folder, 6 interleaved runs each): 1.54 s median at the same priority, 1.24 s
-# at +10, 1.22 s at +19; +10 leaves them a fair share when other programs compete for the cores. Between forward
-# passes the model waits for them: they keep the ordinary priority (10 runs each: 0.715 s at +0, 0.755 s at +10).
-HELPER_NICENESS = 10
-
-
-def _lower_this_thread() -> None:
-    try:  # on Linux the nice value is per thread (who=0: the calling thread); a hint, never an error
-        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + HELPER_NICENESS))
-    except OSError:
-        pass
-
-
-def helper_pool(workers: int, name: str, below_model: bool) -> ThreadPoolExecutor:
-    """Threads for reading or writing; ``below_model``: at a lower priority than the model's threads (Linux
-    only: elsewhere the nice value is per process, and lowering it would slow the model too)."""
-    lower = below_model and sys.platform == "linux"
-    return ThreadPoolExecutor(max(1, workers), thread_name_prefix=f"segtorch-{name}",
-                              initializer=_lower_this_thread if lower else None)
-
-
-def model_takes_every_core(device) -> bool:
-    """Whether the model's forward passes keep every core this process may use busy: on the CPU with as many
-    threads as cores. Helpers then read and write between forward passes, not during them: one that preempts
-    an OpenMP thread stalls the others at the next barrier (2 Zen 5 cores, 48 JPEGs, 8 interleaved runs each:
-    0.71 s against 0.75 s beside them at +10)."""
-    import torch
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return torch.device(device).type == "cpu" and torch.get_num_threads() >= cores
-
-
-class _Writer:
-    """Renders and writes one image's results on worker threads; ``done()`` says how many were written. At
-    most ``max_pending`` images wait to be written: past that, ``submit`` waits for the oldest, so a disk
-    slower than the model holds up the model instead of filling the memory with results."""
-
-    def __init__(self, seg, out: Path, outputs: list[str], workers: int, max_pending: int, below_model: bool):
-        self.seg, self.out, self.outputs, self.max_pending = seg, out, outputs, max(1, max_pending)
-        self.pool = helper_pool(workers, "write", below_model=below_model)
-        self.pending: list[tuple[Path, Future]] = []
-        self._unfinished = 0  # pending[:_unfinished] have finished
-
-    def drain(self) -> None:
-        """Wait until every write submitted so far has finished (errors are reported by ``done()``)."""
-        while self._unfinished < len(self.pending):
-            self.pending[self._unfinished][1].exception()
-            self._unfinished += 1
-
-    def submit(self, path: Path, name: str, image, labels, confidence) -> None:
-        if len(self.pending) >= self.max_pending:  # writes finish in about the order they were submitted
-            wait([self.pending[-self.max_pending][1]])  # (its error, if any, is reported by done())
-        self.pending.append((path, self.pool.submit(self._write, name, image, labels, confidence)))
-
-    def _write(self, name: str, image, labels, confidence) -> None:
-        import numpy as np
-
-        from ..inference.render import blend
-
-        seg, base = self.seg, self.out / name
-        base.parent.mkdir(parents=True, exist_ok=True)
-        mask = seg.colorize(labels) if {"color", "overlay"} & set(self.outputs) else None  # made once for both
-        pictures = {
-            "labels": lambda: labels.astype(np.uint8 if seg.card.num_classes <= 256 else np.uint16),
-            "color": lambda: mask,
-            "overlay": lambda: blend(image, mask),
-            "scores": lambda: np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8),
-            "legend": lambda: seg.legend(labels),
-        }
-        for kind in self.outputs:
-            write_png(pictures[kind](), base.with_name(f"{base.name}_{kind}.png"))
-
-    def done(self, report) -> int:
-        written = 0
-        for path, future in self.pending:
-            try:
-                future.result()
-                written += 1
-            except (OSError, SegtorchError) as e:
-                report(path, e)
-        self.pool.shutdown()
-        return written
-
-
 def cmd_predict(args) -> int:
-    from .process_tuning import tune_own_process
-
-    tune_own_process()  # before torch loads libgomp (the option checks import torch)
-    from tqdm import tqdm
-
-    import torch
-
-    from .. import load
-    from ..registry import model_card
-    from ..segmenter import Segmenter, prepare_image
+    from . import sharding
 
     outputs = _parse_outputs(args)
     out = _check_options(args)
-    files, errors = expand_inputs(args.inputs, out)
-    for e in errors:
-        print(f"segtorch: error: {e}", file=sys.stderr)
-    if not files:
-        return 1
-    names = output_names(files)
-    name = args.model or _default_model()
-    card = model_card(name)
-    between_forwards = model_takes_every_core(args.device)
-    # helpers that run beside a CPU model yield to it; between its forward passes the model waits for them
-    below_model = torch.device(args.device).type == "cpu" and not between_forwards
-    importlib.import_module("segtorch.inference.image")  # OpenCV: imported once here, not by each reader
-    readers = helper_pool(args.workers, "read", below_model=below_model)
-    ahead = max(2, 2 * args.workers) + args.batch_size
-    queue: deque = deque()
-    items = iter(zip(files, names))
-    prepare = functools.partial(prepare_image, card)  # the card is enough: no model needed to read
-
-    def read_ahead(limit: int = ahead) -> None:
-        while len(queue) < limit:
-            item = next(items, None)
-            if item is None:
-                break
-            queue.append((item, readers.submit(prepare, item[0])))
-
-    t0 = time.perf_counter()
-    # the first batch and the queue behind it are read while the model loads, on the core loading leaves idle
-    # (the demo model: ~0.2 s, 12 of its 640x480 JPEGs read in ~40 ms; the first forward pass waited ~20 ms)
-    read_ahead(ahead + args.batch_size)
+    all_files, errors, notes = expand_inputs(args.inputs, out, recursive=getattr(args, "recursive", True))
+    created = _missing_folders(out)  # before any process of a torchrun group can make them (join waits for all)
+    shard = sharding.join(args.device)
     try:
-        seg = load(name, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
-                   compile=args.compile)
-        # start-up, not per image: the modules the pipeline uses (the PNG encoder's ISA-L among them) are
-        # imported with the model, not by the first images' threads
-        for module in ("png", "predictor", "render", "resize_argmax"):
-            importlib.import_module(f"segtorch.inference.{module}")
-    except BaseException:
-        readers.shutdown(cancel_futures=True)
-        raise
+        return _predict(args, shard, outputs, out, created, all_files, errors, notes)
+    finally:
+        sharding.leave(shard)
+
+
+def _predict(args, shard, outputs, out, created, all_files, errors, notes) -> int:
+    from tqdm import tqdm
+
+    from .. import load
+    from ..inference.pipeline import run_pipeline
+    from ..segmenter import Segmenter
+    from .sharding import sum_over_processes
+
+    if shard.leader:
+        for e in errors:
+            print(f"segtorch: error: {e}", file=sys.stderr)
+        for note in notes:
+            print(f"segtorch: note: {note}", file=sys.stderr)
+    if not all_files:
+        return 1
+    names = dict(zip(all_files, output_names(all_files)))  # from every input: the same names in every process
+    files = shard.take(all_files)
+    t0 = time.perf_counter()
+    seg = load(args.model or _default_model(), checkpoint=args.checkpoint, device=shard.device or "cpu",
+               precision=args.precision, compile=args.compile)
     reference = None
     if args.check_agreement and (args.precision != "fp32" or args.compile):
         reference = Segmenter(seg.model, seg.card, device=seg.device)  # same weights, fp32, not compiled
-    created = _missing_folders(out)
     out.mkdir(parents=True, exist_ok=True)  # here, so that a folder that cannot be made fails before any work
-    print(f"{seg.card.name}: loaded in {time.perf_counter() - t0:.1f}s; writing to {out}/", file=sys.stderr)
+    if shard.leader:
+        share = f" ({shard.world_size} processes)" if shard.world_size > 1 else ""
+        print(f"{seg.card.name}: loaded in {time.perf_counter() - t0:.1f}s; writing to {out}/{share}",
+              file=sys.stderr)
     t_start = time.perf_counter()
-    failed, agree, total = 0, 0, 0
-    bar = tqdm(total=len(files), unit="img", disable=not sys.stderr.isatty() or len(files) < 2)
+    agreement = [0, 0]  # equal pixels, pixels
+    bar = tqdm(total=len(files), unit="img", disable=not sys.stderr.isatty() or len(files) < 2 or not shard.leader)
+    want_scores = "scores" in outputs
 
     def report(path: Path, e: BaseException) -> None:
-        nonlocal failed
-        failed += 1
         message = str(e) if str(path) in str(e) else f"{path}: {e}"
         tqdm.write(f"segtorch: error: {message}", file=sys.stderr)
 
-    want_scores = "scores" in outputs
-    # results waiting to be written: 4 batches (~2 MB each at 640x480)
-    writer = _Writer(seg, out, outputs, args.workers, max_pending=4 * args.batch_size, below_model=below_model)
-    batch: list = []
+    def infer(batch, size) -> list:
+        results = seg.predict_prepared(batch, size, tta=args.tta, mode=args.mode, return_scores=want_scores)
+        if reference is not None:
+            for ref, result in zip(reference.predict_prepared(batch, size, tta=args.tta, mode=args.mode), results):
+                labels = result[0] if want_scores else result
+                agreement[0] += int((ref == labels).sum())
+                agreement[1] += labels.size
+        return results
 
-    def run_batch() -> None:
-        nonlocal agree, total
-        if not batch:
-            return
-        import torch
+    def write(path: Path, image, result) -> None:
+        labels, confidence = result if want_scores else (result, None)
+        render_and_write(seg, out, outputs, names[path], image, labels, confidence)
 
-        size = batch[0][2].shape[:2]
-        if between_forwards:  # the reads queued so far and the writes so far, then the model alone
-            wait([future for _, future in queue])
-            writer.drain()
-        results = seg.predict_prepared(torch.cat([b[3] for b in batch]), size, tta=args.tta, mode=args.mode,
-                                       return_scores=want_scores)
-        for (path, out_name, image, _), result in zip(batch, results):
-            labels, confidence = result if want_scores else (result, None)
-            if reference is not None:
-                ref = reference.predict(image, tta=args.tta, mode=args.mode)
-                agree += int((ref == labels).sum())
-                total += labels.size
-            writer.submit(path, out_name, image, labels, confidence)
-        bar.update(len(batch))
-        batch.clear()
-
-    interrupted = False
     try:
-        while True:
-            read_ahead()
-            if not queue:
-                break
-            (path, out_name), future = queue.popleft()
-            try:
-                image, x = future.result()
-            except (OSError, SegtorchError) as e:  # this input is unusable; a bug keeps its traceback
-                report(path, e)
-                bar.update(1)
-                continue
-            if batch and (image.shape != batch[0][2].shape or len(batch) >= args.batch_size):
-                run_batch()
-            batch.append((path, out_name, image, x))
-        run_batch()
-    except KeyboardInterrupt:  # the results handed to the writers are still written, then counted
-        interrupted = True
+        result = run_pipeline(files, seg.prepare, infer, write, on_error=report, batch_size=args.batch_size,
+                              workers=args.workers, on_progress=bar.update)
     finally:
-        readers.shutdown(cancel_futures=True)
-        written = writer.done(report)
         bar.close()
-        if not written:  # no result: the folders this run made are not left behind, empty
-            _remove_empty(out, created)
+    written, failed, interrupted, agree, total = sum_over_processes(
+        shard, [result.written, result.failed, int(result.interrupted), *agreement])
+    seconds = time.perf_counter() - t_start  # until the last process finished
+    if not written and shard.leader:  # no result: the folders this run made are not left behind, empty
+        _remove_empty(out, created)
+    inputs = len(all_files) + len(errors)
     if interrupted:
-        where = f"; their results are in {out}/" if written else ""
-        print(f"segtorch: interrupted: {written} of {len(files) + len(errors)} inputs segmented{where}",
-              file=sys.stderr)
+        if shard.leader:
+            where = f"; their results are in {out}/" if written else ""
+            print(f"segtorch: interrupted: {written} of {inputs} inputs segmented{where}", file=sys.stderr)
         return 130
-    seconds = time.perf_counter() - t_start
-    print(f"{written} of {len(files) + len(errors)} inputs segmented in {seconds:.2f}s "
-          f"({written / max(seconds, 1e-9):.2f} images/s)", file=sys.stderr)
-    if reference is not None and total:
-        print(f"label agreement with fp32: {100.0 * agree / total:.3f}% of {total} pixels", file=sys.stderr)
+    if shard.leader:
+        print(f"{written} of {inputs} inputs segmented in {seconds:.2f}s "
+              f"({written / max(seconds, 1e-9):.2f} images/s)", file=sys.stderr)
+        if total:
+            print(f"label agreement with fp32: {100.0 * agree / total:.3f}% of {total} pixels", file=sys.stderr)
     return 1 if failed or errors else 0

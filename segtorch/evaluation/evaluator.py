@@ -123,6 +123,7 @@ class EvalResult:
     reported: float | None = None
     seconds: float | None = None
     dataset_size: int | None = None  # images in the split; more than num_images when --limit took a subset
+    world_size: int = 1  # processes that shared the images (torchrun)
 
     @property
     def subset(self) -> bool:
@@ -139,7 +140,7 @@ class EvalResult:
         return {"name": self.name, "dataset": self.dataset, "split": self.split, "num_images": self.num_images,
                 "tta": self.tta, "miou": _num(m.miou), "aacc": _num(m.aacc), "macc": _num(m.macc),
                 "iou": {c: _num(v) for c, v in zip(self.class_names, m.iou)}, "reported": self.reported,
-                "subset": self.subset}
+                "subset": self.subset, "world_size": self.world_size}
 
     def delta(self) -> float | None:
         """mIoU minus the reported figure; None where there is nothing comparable (no figure, or a subset)."""
@@ -208,6 +209,9 @@ def timed_evaluate(predict_fn: PredictFn, dataset, *, name: str | None, dataset_
                    class_names: Sequence[str], reported: float | None, **kwargs) -> EvalResult:
     start = time.perf_counter()
     metrics, n = evaluate(predict_fn, dataset, len(class_names), **kwargs)
+    dist = torch.distributed
+    world = dist.get_world_size() if kwargs.get("distributed") and dist.is_available() and dist.is_initialized() \
+        else 1
     return EvalResult(name=name, dataset=dataset_key, split=getattr(dataset, "split", "?"), num_images=n, tta=tta,
                       metrics=metrics, class_names=tuple(class_names), reported=reported,
-                      seconds=time.perf_counter() - start, dataset_size=len(dataset))
+                      seconds=time.perf_counter() - start, dataset_size=len(dataset), world_size=world)

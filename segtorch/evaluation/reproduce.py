@@ -18,12 +18,13 @@ def reported_for(card, tta: bool) -> float | None:
 
 def evaluate_model(name: str, data_root: str, *, checkpoint=None, tta: bool = False, limit: int | None = None,
                    split: str | None = None, device: str | None = None, precision: str = "fp32", workers: int = 2,
-                   batch_size: int = 4, progress: bool | None = None):
+                   batch_size: int = 4, progress: bool | None = None, distributed: bool = False):
     """Evaluate one model (its card's test pipeline, or with ``tta`` its ms+flip settings); an EvalResult.
 
     The reading processes (``workers``) also run the card's test-time resize and normalisation; in whole
     mode up to ``batch_size`` consecutive images of one size share a forward pass (slide mode batches the
-    crops of one image instead)."""
+    crops of one image instead). ``distributed``: each process of the torch.distributed group evaluates every
+    world_size-th image and the per-class counts are summed (the result is the whole split's in every one)."""
     import torch
 
     import segtorch
@@ -44,4 +45,4 @@ def evaluate_model(name: str, data_root: str, *, checkpoint=None, tta: bool = Fa
                           name=card.name, dataset_key=card.dataset, tta=tta, class_names=card.class_names,
                           reported=reported_for(card, tta), limit=limit, num_workers=workers, progress=progress,
                           desc=card.name, prepare=seg.preprocessor(),
-                          batch_size=batch_size if whole else 1)
+                          batch_size=batch_size if whole else 1, distributed=distributed)

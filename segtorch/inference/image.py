@@ -32,14 +32,15 @@ def read_image(src: ImageSource) -> np.ndarray:
 
     Files are decoded exactly as the toolbox's ``cv2.imread`` decodes them; formats OpenCV cannot read go
     through Pillow with the same conventions (EXIF orientation applied, gray -> 3 channels, alpha dropped,
-    16 bits -> 8 bits by dropping the low byte). Arrays are taken to be RGB already.
+    16 bits -> 8 bits by dropping the low byte). PIL images are taken as they are (their EXIF orientation is
+    not applied: a caller may have rotated the image already) and arrays are taken to be RGB already.
     """
     if isinstance(src, (str, os.PathLike)):
         return _read_file(Path(src))
     if isinstance(src, (bytes, bytearray, memoryview)):
         return _decode_bytes(bytes(src), "<bytes>")
     if isinstance(src, Image.Image):
-        return _from_pil(src, "<PIL image>")
+        return _from_pil(src, "<PIL image>", exif=False)
     if isinstance(src, np.ndarray):
         return _from_array(src)
     raise TypeError(f"cannot read an image from {type(src).__name__}: pass a path, encoded bytes, a PIL image "
@@ -116,11 +117,13 @@ def swap_red_blue(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGR2RGB)
 
 
-def _from_pil(image: Image.Image, name: str) -> np.ndarray:
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # a malformed EXIF block: keep the stored orientation rather than fail
-        pass
+def _from_pil(image: Image.Image, name: str, exif: bool = True) -> np.ndarray:
+    """``image`` as HxWx3 uint8 RGB; ``exif``: its EXIF orientation applied (decoded files and bytes)."""
+    if exif:
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # a malformed EXIF block: keep the stored orientation rather than fail
+            pass
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         return _gray_to_rgb(_to_uint8(np.asarray(image)))
     if image.mode == "F":
@@ -187,6 +190,9 @@ def preprocess(image_rgb: np.ndarray, resize: Mapping | None, mean: Sequence[flo
         if kind != "Resize":
             raise ValueError(f"unsupported test-time resize {kind!r}; only the toolbox's 'Resize' is implemented")
         h, w = resized_size(image.shape[0], image.shape[1], resize)
+        # a very thin image (1 x 500 scaled to fit 2048 x 512) would round to a side of 0 pixels; the
+        # toolbox's reader fails there, one pixel keeps it an image
+        h, w = max(h, 1), max(w, 1)
         mode = interpolation(resize.get("interpolation", resize.get("image_interpolation", "bilinear")))
         # on the uint8 image, like the toolbox: OpenCV's fixed-point bilinear differs from resizing floats
         image = cv2.resize(image, (w, h), interpolation=mode)
