@@ -53,7 +53,7 @@ def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setattr(downloads, "_BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(downloads.fetch, "_BACKOFF_BASE", 0.01)
     return tmp_path / "home" / "checkpoints"
 
 
@@ -267,7 +267,7 @@ def test_connection_refused_gives_up_with_one_line(cache):
 
 def test_unreachable_host_is_not_retried(cache, monkeypatch):
     # Name resolution failing or a refused connection will not get better in a few seconds: no backoff.
-    monkeypatch.setattr(downloads, "_BACKOFF_BASE", 5.0)
+    monkeypatch.setattr(downloads.fetch, "_BACKOFF_BASE", 5.0)
     real = socket.getaddrinfo
 
     def no_dns(host, *args, **kwargs):
