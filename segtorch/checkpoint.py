@@ -105,6 +105,32 @@ def check_format(path: str | os.PathLike) -> None:
                           "safetensors)")
 
 
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".onnx")
+
+
+def local_checkpoint(checkpoint: str | os.PathLike) -> Path:
+    """The file a user's ``checkpoint=`` (not an http(s) URL) names, ``~`` expanded; a one-line error for a URL of
+    another kind (ftp://, s3://, file://, ...) or a folder, saying what to pass instead."""
+    text = os.fspath(checkpoint)
+    match = _URL_SCHEME.match(text) if isinstance(text, str) else None
+    if match:
+        scheme = match.group(0)[:-3].lower()
+        if scheme in ("http", "https"):
+            raise UsageError(f"checkpoint {text!r}: write the URL's scheme in lowercase ({scheme}://)")
+        how = (f"pass the file's path ({text[len(match.group(0)):] or '/'!s}) instead" if scheme == "file" else
+               "download the file yourself and pass its path")
+        raise UsageError(f"checkpoint {text!r}: {scheme}:// URLs are not supported (only http:// and https:// "
+                         f"are downloaded); {how}")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
+        hint = f" it holds {', '.join(found[:5])}{', ...' if len(found) > 5 else ''}" if found else \
+            " it holds no .safetensors, .pth or .onnx file"
+        raise UsageError(f"checkpoint {path} is a folder, not a weights file: pass the file itself;{hint}")
+    return path
+
+
 def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, dict]:
     """Return (flat tensor dict, era, safetensors metadata) from a ``.pth`` or ``.safetensors`` file."""
     path = Path(path)

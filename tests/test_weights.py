@@ -364,3 +364,25 @@ def test_checkpoint_url_that_fails_loading_is_not_kept(env, server, release_byte
     server.files[path] = release_bytes  # the server now has the right file: it is fetched, not served stale
     seg = segtorch.load(DEMO, checkpoint=url)
     assert seg.card.name == DEMO and len(server.gets(path, full=True)) == 2
+
+
+# ------------------------------------------------------------------------------------------------- checkpoint=
+
+
+@pytest.mark.parametrize("url,hint", [("ftp://example.org/m.pth", "download the file yourself"),
+                                      ("s3://bucket/m.pth", "download the file yourself"),
+                                      ("file:///data/m.pth", "pass the file's path (/data/m.pth)")])
+def test_checkpoint_urls_of_other_kinds_are_named(url, hint):
+    with pytest.raises(UsageError) as info:
+        segtorch.load(DEMO, checkpoint=url)
+    message = str(info.value)
+    assert url in message and "only http:// and https://" in message and hint in message and "\n" not in message
+
+
+def test_checkpoint_folder_is_named_with_the_files_in_it(tmp_path):
+    with pytest.raises(UsageError, match=f"{tmp_path} is a folder.*no .safetensors, .pth or .onnx file"):
+        segtorch.load(DEMO, checkpoint=tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match="is a folder, not a weights file.*it holds model.safetensors$"):
+        segtorch.load(DEMO, checkpoint=str(tmp_path))
