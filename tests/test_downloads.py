@@ -468,3 +468,20 @@ def test_hf_download_errors(hf_mirror):
     assert "org/repo/absent.safetensors" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ChecksumError):
         downloads.hf_download("org/repo", "w.safetensors", sha256="0" * 64)
+
+
+@pytest.mark.parametrize("low, high", [("segtorch.downloads.cache", "segtorch.downloads.fetch"),
+                                       ("segtorch.downloads.fetch", "segtorch.downloads.huggingface"),
+                                       ("segtorch.downloads.cache", "segtorch.downloads")])
+def test_download_layers_depend_one_way(low, high):
+    """The cache knows nothing of HTTP, the HTTP fetch nothing of the Hub wrapper (imports in functions count)."""
+    from test_layers import import_graph
+
+    graph = import_graph()
+    seen, todo = set(), [low]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    assert high not in seen, f"{low} reaches {high}"
