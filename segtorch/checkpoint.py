@@ -41,7 +41,6 @@ DROPPABLE_KEYS: tuple[tuple[str, str, bool], ...] = (
     (r"^auxiliary_decoder\.", "training-only auxiliary head", False),
     (r"(^|\.)num_batches_tracked$", "BatchNorm step counter", True),
     (r"(^|\.)relative_position_index$", "Swin index table, rebuilt from the window size", False),
-    (r"(^|\.)selected_classes_counter$", "IDRNet training statistic", False),
 )
 
 
@@ -252,6 +251,15 @@ def optional_keys(model: torch.nn.Module) -> set[str]:
     return {k for k in model.state_dict() if k.endswith("num_batches_tracked")}
 
 
+# Training statistics outside the model's state dict that it still takes from a file holding them (the module
+# loads them itself): IDRNet's selection counts, which the toolbox saves with the weights.
+CARRIED_STATISTICS = ("selected_classes_counter",)
+
+
+def carried_statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.named_buffers() if k.rsplit(".", 1)[-1] in CARRIED_STATISTICS}
+
+
 def write_safetensors(state: Mapping[str, torch.Tensor], dst: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
     """Write atomically (``files.atomic_path``)."""
     from safetensors.torch import save_file
@@ -267,9 +275,10 @@ def load_for_model(path: str | os.PathLike, model: torch.nn.Module, keep: Iterab
     """Read ``path`` and return a state dict that fits ``model`` exactly (or raise CheckpointError)."""
     path = Path(path)
     state, era, meta = read_file(path)
-    expected = model.state_dict()
+    carried = carried_statistics(model)
+    expected = {**model.state_dict(), **carried}
     state, renamed, dropped = adapt_state_dict(state, expected, keep)
-    check_state_dict(state, expected, str(path), optional=optional_keys(model))
+    check_state_dict(state, expected, str(path), optional=optional_keys(model) | set(carried))
     report = ConversionReport(source=str(path), source_sha256=meta.get("source_sha256"), era=era, renamed=renamed,
                               dropped=dropped, num_tensors=len(state))
     return state, report
