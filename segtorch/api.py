@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .checkpoint import (CheckpointError, ConversionReport, card_for_checkpoint, convert_checkpoint, load_for_model,
-                         meta_model, optional_keys)
+                         local_checkpoint, meta_model, optional_keys)
 from .registry import ModelCard, model_card
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def _resolve_checkpoint(card: ModelCard, checkpoint: str | os.PathLike | None) -
             from .downloads import download
 
             return download(str(checkpoint), validate=check_format)  # a web page or a cut file is not cached
-        return Path(checkpoint).expanduser()
+        return local_checkpoint(checkpoint)
     from .weights import fetch_weights
 
     return fetch_weights(card)

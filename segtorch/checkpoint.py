@@ -41,7 +41,6 @@ DROPPABLE_KEYS: tuple[tuple[str, str, bool], ...] = (
     (r"^auxiliary_decoder\.", "training-only auxiliary head", False),
     (r"(^|\.)num_batches_tracked$", "BatchNorm step counter", True),
     (r"(^|\.)relative_position_index$", "Swin index table, rebuilt from the window size", False),
-    (r"(^|\.)selected_classes_counter$", "IDRNet training statistic", False),
 )
 
 
@@ -103,6 +102,32 @@ def check_format(path: str | os.PathLike) -> None:
         return
     raise CheckpointError(f"{path.name}: not a checkpoint (first bytes {head[:8]!r}: neither a PyTorch file nor "
                           "safetensors)")
+
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".onnx")
+
+
+def local_checkpoint(checkpoint: str | os.PathLike) -> Path:
+    """The file a user's ``checkpoint=`` (not an http(s) URL) names, ``~`` expanded; a one-line error for a URL of
+    another kind (ftp://, s3://, file://, ...) or a folder, saying what to pass instead."""
+    text = os.fspath(checkpoint)
+    match = _URL_SCHEME.match(text) if isinstance(text, str) else None
+    if match:
+        scheme = match.group(0)[:-3].lower()
+        if scheme in ("http", "https"):
+            raise UsageError(f"checkpoint {text!r}: write the URL's scheme in lowercase ({scheme}://)")
+        how = (f"pass the file's path ({text[len(match.group(0)):] or '/'!s}) instead" if scheme == "file" else
+               "download the file yourself and pass its path")
+        raise UsageError(f"checkpoint {text!r}: {scheme}:// URLs are not supported (only http:// and https:// "
+                         f"are downloaded); {how}")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
+        hint = f" it holds {', '.join(found[:5])}{', ...' if len(found) > 5 else ''}" if found else \
+            " it holds no .safetensors, .pth or .onnx file"
+        raise UsageError(f"checkpoint {path} is a folder, not a weights file: pass the file itself;{hint}")
+    return path
 
 
 def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, dict]:
@@ -238,6 +263,15 @@ def optional_keys(model: torch.nn.Module) -> set[str]:
     return {k for k in model.state_dict() if k.endswith("num_batches_tracked")}
 
 
+# Training statistics outside the model's state dict that it still takes from a file holding them (the module
+# loads them itself): IDRNet's selection counts, which the toolbox saves with the weights.
+CARRIED_STATISTICS = ("selected_classes_counter",)
+
+
+def carried_statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.named_buffers() if k.rsplit(".", 1)[-1] in CARRIED_STATISTICS}
+
+
 def write_safetensors(state: Mapping[str, torch.Tensor], dst: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
     """Write atomically (``files.atomic_path``)."""
     from safetensors.torch import save_file
@@ -253,9 +287,10 @@ def load_for_model(path: str | os.PathLike, model: torch.nn.Module, keep: Iterab
     """Read ``path`` and return a state dict that fits ``model`` exactly (or raise CheckpointError)."""
     path = Path(path)
     state, era, meta = read_file(path)
-    expected = model.state_dict()
+    carried = carried_statistics(model)
+    expected = {**model.state_dict(), **carried}
     state, renamed, dropped = adapt_state_dict(state, expected, keep)
-    check_state_dict(state, expected, str(path), optional=optional_keys(model))
+    check_state_dict(state, expected, str(path), optional=optional_keys(model) | set(carried))
     report = ConversionReport(source=str(path), source_sha256=meta.get("source_sha256"), era=era, renamed=renamed,
                               dropped=dropped, num_tensors=len(state))
     return state, report

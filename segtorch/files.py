@@ -67,9 +67,12 @@ def atomic_path(dst: str | os.PathLike, durable: bool = False) -> Iterator[Path]
     (training checkpoints; not worth a disk flush per file for many small outputs)."""
     dst = _checked_destination(dst)
     fd, tmp = _new_file_beside(dst)
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 less the umask, as the kernel applied it
     os.close(fd)  # the caller writes by path (torch.save, safetensors)
     with _renamed_onto(tmp, dst):
         yield tmp
+        # safetensors' save_file replaces the file with a 0o600 one: unreadable in a shared cache
+        os.chmod(tmp, mode)
         if durable:
             fd = os.open(tmp, os.O_RDWR)
             try:

@@ -49,8 +49,8 @@ class ReadOnlyMapping(Mapping):
     def __reduce__(self):
         return (type(self), (self._data,))
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._data!r})"
+    def __repr__(self) -> str:  # prints as the dict it stands for: card.reported, card.architecture, ...
+        return repr(self._data)
 
     def __eq__(self, other) -> bool:
         return dict(self._data) == dict(other) if isinstance(other, Mapping) else NotImplemented
@@ -372,18 +372,20 @@ def model_card(name: str) -> ModelCard:
 
 def list_models(pattern: str | None = None, *, dataset: str | None = None, family: str | None = None,
                 backbone: str | None = None) -> list[str]:
-    """Sorted canonical names; ``pattern`` uses fnmatch wildcards and also matches aliases."""
+    """Sorted canonical names; ``pattern`` uses fnmatch wildcards and also matches aliases. The pattern, dataset
+    and family ignore case (names are lowercase; ``PSPNet_*`` finds them)."""
     cards, aliases = _registry()
     names = set(cards)
     if pattern:
+        pattern = pattern.lower()
         names = {n for n in cards if fnmatch.fnmatchcase(n, pattern)}
         names |= {target for alias, target in aliases.items() if fnmatch.fnmatchcase(alias, pattern)}
     out = []
     for n in names:
         c = cards[n]
-        if dataset and c.dataset != dataset:
+        if dataset and c.dataset.lower() != dataset.lower():
             continue
-        if family and c.family != family:
+        if family and c.family.lower() != family.lower():
             continue
         if backbone and backbone.lower() not in c.backbone.lower() and backbone.lower() not in n:
             continue

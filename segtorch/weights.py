@@ -1,9 +1,11 @@
 """The weights policy: which file holds a model card's weights, and getting it ready on first use.
 
 Order: the weights shipped inside segtorch (demo models); a safetensors file converted earlier, in
-``home()/"converted"/<name>.safetensors``; the Hugging Face mirror's safetensors file (``HF_ENDPOINT`` for another
-mirror); the card's GitHub release ``.pth`` (``SEGTORCH_RELEASE_MIRROR`` replaces the GitHub prefix), verified and
-converted on arrival. Offline, only what is cached is used.
+``home()/"converted"/<name>.safetensors``; the Hugging Face mirror's safetensors file, only where the card pins
+its sha256 or the user chose the mirror (``SEGTORCH_HF_ORG``, ``HF_ENDPOINT``): whoever holds an unpinned repo
+name could otherwise serve any weights to every user (``mirror_trusted``); the card's GitHub release ``.pth``
+(``SEGTORCH_RELEASE_MIRROR`` replaces the GitHub prefix), verified and converted on arrival. Offline, only what
+is cached is used.
 
 First use is safe under concurrency (torchrun ranks loading one uncached model): the download and the conversion
 happen under one lock per model, so the release file is fetched once and converted once, and every process gets
@@ -22,9 +24,9 @@ from .checkpoint import check_format, convert_checkpoint
 from .downloads import CachedFile, cache_lock, download, forget, hf_download, home, offline_var
 from .errors import CheckpointError, DownloadError, OfflineError, UsageError
 from .files import sha256_file
-from .registry import ModelCard, cards_dir
+from .registry import HF_ORG_ENV, ModelCard, cards_dir
 
-__all__ = ["RELEASE_PREFIX", "release_url", "hf_url", "fetch_weights", "describe"]
+__all__ = ["RELEASE_PREFIX", "release_url", "hf_url", "mirror_trusted", "fetch_weights", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,19 @@ def hf_url(card: ModelCard) -> str | None:
     return f"{endpoint}/{card.hub['repo']}/resolve/main/{card.hub['file']}"
 
 
+def mirror_trusted(card: ModelCard) -> str | None:
+    """Why the card's Hugging Face mirror may be asked (its file's sha256 is pinned, or the user set
+    ``SEGTORCH_HF_ORG`` / ``HF_ENDPOINT``), or None: then no request goes to a Hugging Face endpoint."""
+    if not card.hub:
+        return None
+    if card.hub.get("sha256"):
+        return "sha256 pinned by the card"
+    for var in (HF_ORG_ENV, "HF_ENDPOINT"):
+        if os.environ.get(var, "").strip():
+            return f"{var} is set"
+    return None
+
+
 def _shipped(card: ModelCard) -> Path | None:
     if not getattr(card, "weights", None):
         return None
@@ -83,7 +98,7 @@ def fetch_weights(card: ModelCard) -> Path:
     if converted.verified():
         return converted.file
     tried = []
-    if card.hub:
+    if mirror_trusted(card):
         try:
             return hf_download(card.hub["repo"], card.hub["file"], sha256=card.hub.get("sha256"))
         except (OfflineError, DownloadError) as exc:
@@ -135,6 +150,13 @@ def describe(card: ModelCard) -> dict[str, str | None]:
     if shipped is not None:
         return {"weights": f"shipped with segtorch: {shipped}", "sha256": f"{sha256_file(shipped)} (shipped file)",
                 "hf mirror": None}
-    return {"weights": release_url(card),
-            "sha256": card.sha256 or "unknown (trusted on first use)",
-            "hf mirror": f"{card.hub['repo']} / {card.hub['file']}" if card.hub else None}
+    trusted = mirror_trusted(card)
+    if trusted:
+        mirror = f"{card.hub['repo']} / {card.hub['file']} (asked first: {trusted})"
+    elif card.hub:
+        mirror = (f"{card.hub['repo']} / {card.hub['file']} not asked: its sha256 is not pinned "
+                  f"(set {HF_ORG_ENV} or HF_ENDPOINT to use a mirror you trust)")
+    else:
+        mirror = None
+    return {"weights": release_url(card), "sha256": card.sha256 or "unknown (trusted on first use)",
+            "hf mirror": mirror}

@@ -228,3 +228,35 @@ def test_alias():
     card = segtorch.model_card("upernet_swinlarge_ade20k")
     assert card.name == "idrnet_upernet_swinlarge_ade20k"
     assert "upernet_swinlarge_ade20k" in card.aliases
+
+
+def test_listing_ignores_case():
+    lower = segtorch.list_models("pspnet_*", dataset="ade20k", family="pspnet")
+    assert lower and segtorch.list_models("PSPNet_*", dataset="ADE20K", family="PSPNet") == lower
+    assert segtorch.list_models("UperNet_SwinLarge_ADE20K") == ["idrnet_upernet_swinlarge_ade20k"]  # an alias
+
+
+def test_cli_list_ignores_case(capsys):
+    from segtorch.cli import main
+
+    assert main(["list", "IDRNet_*", "--dataset", "LIP", "--family", "IDRNet"]) == 0
+    out = capsys.readouterr().out
+    assert "idrnet_fcn_resnet50os8_lip" in out and "ade20k" not in out
+
+
+def test_card_mappings_print_as_dicts():
+    card = segtorch.model_card("pspnet_resnet50os8_ade20k")
+    assert repr(card.reported) == repr(dict(card.reported)) and str(card.reported).startswith("{'miou': ")
+    assert card.reported == {"miou": card.reported["miou"], "miou_flip": None, "miou_ms_flip": None}
+
+
+@pytest.mark.parametrize("name,suggests", [("foo", None), ("pspnet_resnet50_ade20k", "pspnet_resnet50os8_ade20k"),
+                                           ("PSPNet_resnet50os8_ade20k", "pspnet_resnet50os8_ade20k")])
+def test_cli_unknown_model_points_to_segtorch_list(capsys, name, suggests):
+    from segtorch.cli import main
+
+    assert main(["info", name]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("segtorch: error: ") and repr(name) in err
+    assert "`segtorch list`" in err and "list_models" not in err
+    assert suggests is None or suggests in err

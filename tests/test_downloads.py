@@ -53,7 +53,7 @@ def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setattr(downloads, "_BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(downloads.fetch, "_BACKOFF_BASE", 0.01)
     return tmp_path / "home" / "checkpoints"
 
 
@@ -267,7 +267,7 @@ def test_connection_refused_gives_up_with_one_line(cache):
 
 def test_unreachable_host_is_not_retried(cache, monkeypatch):
     # Name resolution failing or a refused connection will not get better in a few seconds: no backoff.
-    monkeypatch.setattr(downloads, "_BACKOFF_BASE", 5.0)
+    monkeypatch.setattr(downloads.fetch, "_BACKOFF_BASE", 5.0)
     real = socket.getaddrinfo
 
     def no_dns(host, *args, **kwargs):
@@ -468,3 +468,20 @@ def test_hf_download_errors(hf_mirror):
     assert "org/repo/absent.safetensors" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ChecksumError):
         downloads.hf_download("org/repo", "w.safetensors", sha256="0" * 64)
+
+
+@pytest.mark.parametrize("low, high", [("segtorch.downloads.cache", "segtorch.downloads.fetch"),
+                                       ("segtorch.downloads.fetch", "segtorch.downloads.huggingface"),
+                                       ("segtorch.downloads.cache", "segtorch.downloads")])
+def test_download_layers_depend_one_way(low, high):
+    """The cache knows nothing of HTTP, the HTTP fetch nothing of the Hub wrapper (imports in functions count)."""
+    from test_layers import import_graph
+
+    graph = import_graph()
+    seen, todo = set(), [low]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    assert high not in seen, f"{low} reaches {high}"

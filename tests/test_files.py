@@ -40,6 +40,26 @@ def test_atomic_files_get_ordinary_permissions(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o640  # 0o666 less the umask, not mkstemp's 0o600
 
 
+@pytest.mark.parametrize("writer", ["safetensors", "torch", "bytes"])
+def test_files_written_by_path_get_ordinary_permissions(tmp_path, writer):
+    """Whatever mode the library writing by path gives its file (safetensors' save_file: 0o600), the result is
+    readable as the umask says: cached conversions, ``segtorch convert`` output and trained weights are shared."""
+    import torch
+    from safetensors.torch import save_file
+
+    write = {"safetensors": lambda p: save_file({"w": torch.zeros(2)}, str(p)),
+             "torch": lambda p: torch.save({"w": torch.zeros(2)}, p),
+             "bytes": lambda p: p.write_bytes(b"x")}[writer]
+    for umask, expected in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+        old = os.umask(umask)
+        try:
+            with files.atomic_path(tmp_path / f"{umask:o}.bin") as tmp:
+                write(tmp)
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((tmp_path / f"{umask:o}.bin").stat().st_mode) == expected, oct(umask)
+
+
 def test_atomic_write_leaves_the_umask_alone(tmp_path, monkeypatch):
     """The umask is per process: reading it by setting it to 0 and back would give a file or folder made by
     another thread in between (``segtorch predict`` writes from two) 0o666/0o777 permissions."""

@@ -118,7 +118,7 @@ def _no_dropout(model: nn.Module) -> nn.Module:
 
 
 # ---- the two sides ---------------------------------------------------------------------------------------
-def reference_step(name: str, epoch: int) -> dict:
+def reference_step(name: str, epoch: int, make_batch=batch, make_state=training_state) -> dict:
     """The toolbox's step: {"parts": {name: float}, "total": float, "grads": {..}, "buffers": {..},
     "initial": the state before the step (toolbox layout)}."""
     from ssseg.modules import BuildSegmentor
@@ -130,10 +130,10 @@ def reference_step(name: str, epoch: int) -> dict:
         cfg["norm_cfg"] = {**cfg["norm_cfg"], "type": "BatchNorm2d"}
     torch.manual_seed(0)
     model = BuildSegmentor(cfg, mode="TRAIN")
-    initial = training_state(model.state_dict())
+    initial = make_state(model.state_dict())
     model.load_state_dict(initial)
     _no_dropout(model.to(DTYPE))
-    images, labels = batch(name)
+    images, labels = make_batch(name)
     images = images.to(DTYPE)
     kwargs = {"learning_rate": LEARNING_RATE, "epoch": epoch} if cfg["type"] in ("MCIBI", "MCIBIPlusPlus") else {}
     random.seed(SEED)
@@ -148,7 +148,7 @@ def reference_step(name: str, epoch: int) -> dict:
             "initial": initial}
 
 
-def segtorch_step(name: str, epoch: int, initial: dict[str, torch.Tensor], tmp_path) -> dict:
+def segtorch_step(name: str, epoch: int, initial: dict[str, torch.Tensor], tmp_path, make_batch=batch) -> dict:
     """segtorch's step from the toolbox's initial state (converted as a user would)."""
     from segtorch.registry import model_card
     from segtorch.train import training_losses
@@ -157,14 +157,10 @@ def segtorch_step(name: str, epoch: int, initial: dict[str, torch.Tensor], tmp_p
     torch.save({"model": initial}, src)
     dst = tmp_path / f"{name}.safetensors"
     segtorch.convert(src, dst, name=name, auxiliary=True)
+    # all training state, IDRNet's selection counts included, travels through the file as a user's would
     model = segtorch.load(name, checkpoint=dst, auxiliary=True, fuse_bn=False).model
-    buffers = dict(model.named_buffers())
-    with torch.no_grad():  # training state that no checkpoint holds (IDRNet's selection counts)
-        for key in ("selected_classes_counter",):
-            if key in buffers and key in initial:
-                buffers[key].copy_(initial[key])
     _no_dropout(model.to(DTYPE))
-    images, labels = batch(name)
+    images, labels = make_batch(name)
     images = images.to(DTYPE)
     random.seed(SEED)
     torch.manual_seed(SEED)
@@ -294,6 +290,84 @@ def test_training_step_live(name, epoch, tmp_path):
     for key, b in ref["buffers"].items():
         assert key in ours["buffers"], key
         assert _relative(ours["buffers"][key], b) <= BUFFER_TOLERANCE, (key, _relative(ours["buffers"][key], b))
+
+
+# ---- IDRNet's class relations, every dataset ----------------------------------------------------------------
+# One config per dataset and coarse-context kind: self-attention refiner after (ASPP, Cityscapes) or before
+# (COCO-Stuff-10k) the coarse context, stage 1 on the bottleneck (PPM, Cityscapes), FPNs (UPerNet), none (FCN, LIP's
+# PPM). PASCAL-Context-59's only IDRNet is Swin-L (a float64 step of it does not fit this test's budget).
+IDRNET_CASES = ["idrnet_aspp_resnet50os8_cityscapes", "idrnet_ppm_resnet50os8_cityscapes",
+                "idrnet_aspp_resnet50os8_cocostuff10k", "idrnet_upernet_resnet50os8_cocostuff10k",
+                "idrnet_ppm_resnet50os8_lip", "idrnet_upernet_resnet50os8_lip", "idrnet_fcn_resnet50os8_ade20k"]
+ODD_SIZE = (97, 129)
+
+
+def odd_batch(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 97x129 images (feature maps of 13x17): blocks of five classes cut by the border, an unlabelled band
+    across both images and a single-pixel class."""
+    num_classes = upstream_configs()[name]["segmentor_cfg"]["num_classes"]
+    h, w = ODD_SIZE
+    images = seeded_input((BATCH, 3, h, w), "training images")
+    g = torch.Generator().manual_seed(SEED + 1)
+    classes = torch.randperm(num_classes, generator=g)[:6]
+    blocks = classes[torch.randint(0, 5, (BATCH, h // 16 + 1, w // 16 + 1), generator=g)]
+    labels = blocks.repeat_interleave(16, dim=1).repeat_interleave(16, dim=2)[:, :h, :w].clone()
+    labels[:, 40:51] = -100
+    labels[1, 70, 70] = classes[5]
+    return images, labels
+
+
+def randomised_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Seeded weights, relations and representations (relations of both signs), selection counts in [1, 5]."""
+    state = training_state(state)
+    for key in state:
+        if key.endswith("selected_classes_counter"):
+            state[key] = 1 + 4 * seeded_tensor(key + "|1-5", state[key].shape).abs().clamp(max=1)
+    return state
+
+
+def test_idrnet_selection_counts_travel_with_the_file(tmp_path):
+    """The toolbox saves the selection counts with the weights; a converted or loaded file that holds them gives
+    them to the model (the next intervention draws depend on them), one without them gives a fresh model's."""
+    name = "idrnet_fcn_resnet50os8_cityscapes"
+    state = seeded_state_dict(segtorch.create_model(name, auxiliary=True).state_dict())
+    counts = 1 + 4 * torch.rand(19, generator=torch.Generator().manual_seed(SEED))
+    torch.save({"model": {**state, "selected_classes_counter": counts}}, tmp_path / "with.pth")
+    segtorch.convert(tmp_path / "with.pth", tmp_path / "with.safetensors", name=name, auxiliary=True)
+    for path in ("with.pth", "with.safetensors"):
+        model = segtorch.load(name, checkpoint=tmp_path / path, auxiliary=True, fuse_bn=False).model
+        assert torch.equal(model.selected_classes_counter, counts), path
+    torch.save({"model": state}, tmp_path / "without.pth")
+    model = segtorch.load(name, checkpoint=tmp_path / "without.pth").model
+    assert torch.equal(model.selected_classes_counter, torch.full((19,), 1e-6))
+    torch.save({"model": {**state, "selected_classes_counter": counts[:5]}}, tmp_path / "other.pth")
+    with pytest.raises(segtorch.CheckpointError, match="mis-shaped keys: selected_classes_counter"):
+        segtorch.load(name, checkpoint=tmp_path / "other.pth")
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+@pytest.mark.parametrize("name", IDRNET_CASES)
+def test_idrnet_relations_live(name, tmp_path):
+    """Every dataset's IDRNet, from randomised training state: the intervention pass and the relation,
+    representation and count updates equal the toolbox's, not only the losses and gradients."""
+    current = toolbox_sources_sha256()
+    if current is None or current != _recorded_sources():
+        pytest.skip("the importable toolbox's training code is not eb1878c1's (or it is not installed)")
+    ref = reference_step(name, 1, odd_batch, randomised_state)
+    counts = ref["initial"]["selected_classes_counter"]
+    assert 1 <= counts.min() and counts.max() <= 5 and (counts - counts.round()).abs().max() > 0
+    ours = segtorch_step(name, 1, ref["initial"], tmp_path, odd_batch)
+    _check_losses(ours, ref["parts"], ref["total"])
+    floor = GRAD_FLOOR * math.sqrt(sum(g.norm().item() ** 2 for g in ref["grads"].values()))
+    for key, g in ref["grads"].items():
+        assert (ours["grads"][key] - g).norm().item() <= GRAD_TOLERANCE * max(g.norm().item(), floor), key
+    family = [key for key in ref["buffers"] if is_family_state(key)]
+    assert len(family) == 4, family  # relations (mean, var), representations, selection counts
+    for key in family:
+        moved = _relative(ref["buffers"][key], ref["initial"][key].to(DTYPE))
+        assert moved > 1e-6, f"{key}: the step changed nothing, so the comparison would prove nothing"
+        assert _relative(ours["buffers"][key], ref["buffers"][key]) <= 1e-10, key
 
 
 # ---- several processes ---------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import segtorch  # noqa: E402
 from segtorch import downloads, weights  # noqa: E402
 from segtorch.errors import DownloadError, OfflineError, UsageError  # noqa: E402
 from segtorch.files import sha256_file  # noqa: E402
+from segtorch.registry import HF_ORG_ENV  # noqa: E402
 
 DEMO = "demo_pspnet_shapes"  # 2M parameters: a real architecture that converts in well under a second
 RELEASE = "/releases/ssseg_demo/demo_release.pth"
@@ -46,7 +47,7 @@ def env(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setattr(downloads, "_BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(downloads.fetch, "_BACKOFF_BASE", 0.01)
     return tmp_path / "home"
 
 
@@ -204,6 +205,82 @@ def test_every_zoo_url_is_under_the_release_prefix():
     assert all(c.url.startswith(weights.RELEASE_PREFIX) for c in cards if not c.demo)
 
 
+class ConnectionCounter:
+    """A loopback listener standing in for the internet: set as the HTTP(S) proxy, every connection that would
+    leave the machine (a Hugging Face request, or the reachability probe before it) arrives here, is counted and
+    refused."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.count = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.count += 1
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+@pytest.fixture
+def internet(monkeypatch):
+    """Whatever is not 127.0.0.1 goes through a counting proxy that refuses it."""
+    counter = ConnectionCounter()
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(var, counter.url)
+    monkeypatch.delenv(HF_ORG_ENV, raising=False)
+    yield counter
+    counter.sock.close()
+
+
+UNPINNED_HUB = {"repo": "segtorch/demo_release", "file": "model.safetensors"}
+
+
+def test_an_unpinned_mirror_is_never_asked(env, server, internet):
+    """The card names a Hugging Face repo but pins no sha256, and the user configured no mirror: whoever
+    registers that repo must not be able to serve weights, so the first load goes straight to the release."""
+    card = release_card(server.url(RELEASE), hub=UNPINNED_HUB)
+    assert weights.fetch_weights(card).is_file()
+    assert internet.count == 0, "a request went to the default Hugging Face endpoint"
+    assert len(server.gets(RELEASE, full=True)) == 1
+    assert "not asked" in weights.describe(card)["hf mirror"]
+
+
+@pytest.mark.parametrize("trust", ["pinned", "org"])
+def test_a_pinned_or_chosen_mirror_is_asked(env, server, internet, monkeypatch, trust):
+    hub = {**UNPINNED_HUB, "sha256": "0" * 64} if trust == "pinned" else UNPINNED_HUB
+    if trust == "org":
+        monkeypatch.setenv(HF_ORG_ENV, "my-org")
+    card = release_card(server.url(RELEASE), hub=hub)
+    assert weights.fetch_weights(card).is_file()  # the mirror refuses (the proxy): the release serves
+    assert internet.count > 0
+    assert "asked first" in weights.describe(card)["hf mirror"]
+
+
+def test_a_mirror_set_by_hf_endpoint_is_asked_for_unpinned_files(env, server, release_bytes, monkeypatch):
+    """HF_ENDPOINT is the user's own mirror: its file is taken (and the release never asked)."""
+    from segtorch.checkpoint import convert_checkpoint
+
+    pth, converted = env.parent / "release.pth", env.parent / "model.safetensors"
+    pth.write_bytes(release_bytes)
+    convert_checkpoint(pth, converted, release_card(server.url(RELEASE)))
+    server.files["/segtorch/demo_release/resolve/main/model.safetensors"] = converted.read_bytes()
+    monkeypatch.setenv("HF_ENDPOINT", server.url(""))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    card = release_card(server.url(RELEASE), hub=UNPINNED_HUB)
+    assert weights.fetch_weights(card).read_bytes() == converted.read_bytes()
+    assert server.gets(RELEASE) == []
+
+
 # ------------------------------------------------------------------------------------------------- no network
 
 
@@ -287,3 +364,25 @@ def test_checkpoint_url_that_fails_loading_is_not_kept(env, server, release_byte
     server.files[path] = release_bytes  # the server now has the right file: it is fetched, not served stale
     seg = segtorch.load(DEMO, checkpoint=url)
     assert seg.card.name == DEMO and len(server.gets(path, full=True)) == 2
+
+
+# ------------------------------------------------------------------------------------------------- checkpoint=
+
+
+@pytest.mark.parametrize("url,hint", [("ftp://example.org/m.pth", "download the file yourself"),
+                                      ("s3://bucket/m.pth", "download the file yourself"),
+                                      ("file:///data/m.pth", "pass the file's path (/data/m.pth)")])
+def test_checkpoint_urls_of_other_kinds_are_named(url, hint):
+    with pytest.raises(UsageError) as info:
+        segtorch.load(DEMO, checkpoint=url)
+    message = str(info.value)
+    assert url in message and "only http:// and https://" in message and hint in message and "\n" not in message
+
+
+def test_checkpoint_folder_is_named_with_the_files_in_it(tmp_path):
+    with pytest.raises(UsageError, match=f"{tmp_path} is a folder.*no .safetensors, .pth or .onnx file"):
+        segtorch.load(DEMO, checkpoint=tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match="is a folder, not a weights file.*it holds model.safetensors$"):
+        segtorch.load(DEMO, checkpoint=str(tmp_path))

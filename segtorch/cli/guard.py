@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Callable
 
-from ..errors import SegtorchError
+from ..errors import SegtorchError, UnknownModelError
 
 
 def one_line(error: BaseException) -> str:
@@ -27,5 +27,10 @@ def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
         sys.stderr.close()
         return 0
     except (SegtorchError, OSError) as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        text = one_line(e)
+        if isinstance(e, UnknownModelError):  # the registry's hint names the Python API
+            text = text.replace("segtorch.list_models()", "`segtorch list`")
+            if "`segtorch list`" not in text:
+                text += " (`segtorch list` shows every model)"
+        print(f"{prog}: error: {text}", file=sys.stderr)
         return 1

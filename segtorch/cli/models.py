@@ -19,7 +19,7 @@ def _no_match(args) -> str:
     hints = []
     for flag, value, field in (("--dataset", args.dataset, "dataset"), ("--family", args.family, "family")):
         valid = sorted({getattr(c, field) for c in cards})
-        if value and value not in valid:
+        if value and value.lower() not in {v.lower() for v in valid}:
             hints.append(f"{flag} must be one of {', '.join(valid)}")
     if args.pattern and not any(ch in args.pattern for ch in "*?["):
         hints.append(f"patterns match whole names: try '{args.pattern}*'")

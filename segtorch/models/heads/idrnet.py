@@ -17,8 +17,10 @@ A self-attention block (``idcontext_refiner``) fuses the three, and ``decoder_st
 The four "coarse-context decoders" of the published models are: none (FCN: the bottleneck alone), PPM, ASPP,
 and "UPerNet" (PPM or ASPP on top of an FPN). The momentum statistics are buffers loaded from the checkpoint
 and updated from the labels by ``train_forward`` as the toolbox's TRAIN forward does. The training-only
-sampling statistic ``selected_classes_counter`` is not in the published checkpoints: it is a non-persistent
-buffer here (the trainer keeps it in its own checkpoints), initialised as the toolbox initialises it.
+sampling statistic ``selected_classes_counter`` is a non-persistent buffer here (inference does not need it;
+the trainer keeps it in its own checkpoints), initialised as the toolbox initialises it; a file that holds it
+(the toolbox saves it with the weights) loads it, so that a toolbox training state continues with the same
+intervention draws.
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ class IDRNet(SegmentationModel):
         self.register_buffer("class_relations_mean", torch.eye(num_classes))
         self.register_buffer("class_relations_var", torch.eye(num_classes))
         self.register_buffer("dl_cls_representations", torch.zeros(num_classes, feats_channels))
-        # how often each class was the intervention class while training (not in the checkpoints)
+        # how often each class was the intervention class while training (loaded where a file holds it)
         self.register_buffer("selected_classes_counter", torch.full((num_classes,), COUNTER_INIT), persistent=False)
 
         # input: features with dl representations appended, mean context, var context (2C wide each) -> C
@@ -216,9 +218,30 @@ class IDRNet(SegmentationModel):
 
     # ---- training -----------------------------------------------------------------------------------------
     def reset_buffers(self) -> None:
-        """The selection counts a fresh model starts from (they are in no checkpoint file)."""
+        """The selection counts a fresh model starts from (for a file without them)."""
         self.selected_classes_counter = torch.full((self.num_classes,), COUNTER_INIT,
                                                    device=self.class_relations_mean.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the selection counts are not in this module's state dict, yet a file that holds them gives them: without
+        # them a toolbox training state would draw its intervention classes from fresh counts
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "selected_classes_counter"
+        if key not in state_dict:
+            return
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        value, current = state_dict[key], self.selected_classes_counter
+        if value.shape != current.shape:
+            error_msgs.append(f"size mismatch for {key}: the file has {tuple(value.shape)}, the model "
+                              f"{tuple(current.shape)}")
+        elif local_metadata.get("assign_to_params_buffers", False) or current.is_meta:
+            self.selected_classes_counter = value.to(current.dtype)
+        else:
+            with torch.no_grad():
+                current.copy_(value)
 
     def train_forward(self, x: torch.Tensor, labels: torch.Tensor, *, training: Mapping, learning_rate: float,
                       epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
