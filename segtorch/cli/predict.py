@@ -48,6 +48,8 @@ def add_parser(subparsers):
                    help="fp32 reproduces the toolbox; bf16 (CPU with AVX512-BF16/AMX, or CUDA) and fp16 (CUDA) "
                         "are faster")
     s.add_argument("--compile", action="store_true", help="torch.compile the model (pays off over many images)")
+    s.add_argument("--exact", action="store_true",
+                   help="the toolbox's own computation step for step (its label maps; slower): no fast path")
     s.add_argument("--check-agreement", action="store_true",
                    help="also run fp32 and print the label agreement of the chosen precision/compile")
     s.add_argument("--out", default="segtorch_out", help="output folder (default ./segtorch_out)")
@@ -321,7 +323,7 @@ def cmd_predict(args) -> int:
     read_ahead(ahead + args.batch_size)
     try:
         seg = load(name, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
-                   compile=args.compile)
+                   compile=args.compile, exact=args.exact)
         # start-up, not per image: the modules the pipeline uses (the PNG encoder's ISA-L among them) are
         # imported with the model, not by the first images' threads
         for module in ("png", "predictor", "render", "resize_argmax"):
