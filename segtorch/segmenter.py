@@ -45,9 +45,10 @@ class Segmenter:
     ``model``: the checkpoint's network as ``create_model`` builds it (BatchNorm present, trainable, NCHW,
     float32, eval mode); ``model(x)`` gives the main head's scores at its output stride, the toolbox's forward.
     ``logits`` and ``predict`` run the card's inference settings (whole/slide, scales, flips) at the chosen
-    precision, through the Segmenter's own inference module (see ``inference_module``), built from ``model``
-    when the Segmenter is made: later changes to ``model`` (training, pruning) do not reach it but in
-    ``exact`` mode, which runs ``model`` itself. ``Segmenter(model, card)`` leaves ``model`` unchanged.
+    precision, through the Segmenter's own inference module (``inference_module``), made from ``model`` when
+    the Segmenter is made: later changes to ``model`` (training, pruning) do not reach it, except where nothing
+    is rewritten (``exact`` mode; fp32 with ``fuse_bn`` and ``channels_last`` off), which runs ``model`` itself.
+    ``Segmenter(model, card)`` leaves ``model`` unchanged (the rewrite shares every tensor it does not change).
 
     Two modes:
     - default (the fast path): BatchNorm folded into the convolutions and pyramid pooling bottlenecks split
@@ -58,9 +59,10 @@ class Segmenter:
       toolbox's only where two classes' scores nearly tie.
     - ``exact=True``: the toolbox's computation, step for step, on ``model`` itself: every crop one forward pass,
       each scale and flip resized to the output on its own, summed in the toolbox's order, then argmax.
-      Scores within 2e-6 relative of the toolbox's (slide + multi-scale + flip; measured 0 on the recorded
-      cases, the same float32 operations), label maps of image files identical to its inference script's
-      (tests/test_exact.py). fp32 only, not compiled.
+      Scores within 2e-6 relative of the toolbox's (measured against the toolbox in the same process on
+      PSPNet R-50-D8: bit-equal on slide + multi-scale + flip, 1.7e-7 on a whole image; 5e-8 to 2.4e-7
+      against the recorded outputs), label maps of image files identical to its inference script's
+      (tests/test_exact.py). Slower: crops and flips one forward pass each. fp32 only, not compiled.
 
     ``fuse_bn`` / ``channels_last``: None = the backbone's measured default for that precision
     (``segtorch.inference.fast_path``); off in ``exact`` mode.
