@@ -100,6 +100,15 @@ class Segmenter:
         if compile:
             self._forward = compiled(self._forward, self.device)
 
+    def __getstate__(self) -> dict:  # picklable (to worker processes) but for the lock, which is made anew
+        state = dict(self.__dict__)
+        del state["_model_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._model_lock = threading.Lock()
+
     @property
     def model(self) -> torch.nn.Module:
         """The checkpoint's network as ``create_model(card.name)`` builds it, with the weights loaded:

@@ -73,6 +73,17 @@ def test_a_segmenter_leaves_the_model_it_is_given_unchanged(weights):
     assert exact.inference_module is model  # exact mode runs the network itself
 
 
+def test_a_segmenter_pickles_with_its_model_still_to_build(weights):
+    import pickle
+
+    seg = segtorch.load(NAME, checkpoint=weights)
+    again = pickle.loads(pickle.dumps(seg))
+    x = torch.randn(1, 3, 32, 40, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(again.logits(x), seg.logits(x))
+    with torch.no_grad():
+        assert torch.equal(again.model(x), seg.model(x))
+
+
 def test_seg_model_refuses_a_weights_file_replaced_since_loading(tmp_path, weights):
     path = tmp_path / "w.safetensors"
     path.write_bytes(weights.read_bytes())

@@ -85,10 +85,12 @@ def fast_module(model: nn.Module, *, fuse_bn: bool, channels_last: bool, dtype: 
     pooling bottlenecks split (``fuse_bn``), NHWC (``channels_last``), convolution weights stored in ``dtype``
     (bf16/fp16 autocast). ``in_place``: ``model`` itself may be rewritten (``load`` owns its model: no second
     set of module objects); else ``model`` is left unchanged and the result shares every tensor it does not
-    rewrite (``private_copy``). Nothing to rewrite: ``model`` itself."""
-    if not (fuse_bn or channels_last or dtype is not None):
+    rewrite (``private_copy``, in eval mode). Nothing to rewrite (also a module without tensors, such as
+    onnxruntime's, which may hold what cannot be copied): ``model`` itself."""
+    has_tensors = any(True for _ in itertools.chain(model.parameters(), model.buffers()))
+    if not has_tensors or not (fuse_bn or channels_last or dtype is not None):
         return model
-    fast = model if in_place else private_copy(model)
+    fast = model if in_place else private_copy(model).eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if fuse_bn:
         from ..models.heads.psp import split_pyramid_bottlenecks
