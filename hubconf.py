@@ -1,8 +1,15 @@
-"""torch.hub entry points: ``torch.hub.load("<owner>/segtorch", "isnet_resnet101os8_ade20k")``.
+"""torch.hub entry points, one per model-card name (and alias).
 
-Every model-card name (and alias) is an entry point returning the ``nn.Module`` with its published weights
-(``pretrained=False``: random weights, no download). Keyword arguments go to ``segtorch.load`` (``checkpoint``,
-``device``, ``precision``); ``segmenter=True`` returns the ``segtorch.Segmenter`` (predict, logits) instead.
+From a clone of this repository (works offline)::
+
+    model = torch.hub.load("path/to/segtorch", "isnet_resnet101os8_ade20k", source="local")
+
+or, once it is published on GitHub, ``torch.hub.load("<github user>/segtorch", name)``. Each entry point returns
+the checkpoint's network as ``segtorch.create_model(name)`` builds it, with its published weights: BatchNorm
+present, parameters trainable, NCHW, float32, eval mode; its state dict loads with ``strict=True`` into
+``create_model(name)`` (``pretrained=False``: random weights, no download). Keyword arguments go to
+``segtorch.load`` (``checkpoint``, ``device``); ``segmenter=True`` returns the ``segtorch.Segmenter`` (predict,
+logits, and its inference fast path or ``exact=True``) instead.
 """
 dependencies = ["torch", "numpy", "PIL", "cv2", "safetensors", "huggingface_hub", "requests", "tqdm", "filelock"]
 
@@ -13,8 +20,10 @@ def _entry(name: str):
     def entry(pretrained: bool = True, segmenter: bool = False, **kwargs):
         if not pretrained:
             return _segtorch.create_model(name)
-        seg = _segtorch.load(name, **kwargs)
-        return seg if segmenter else seg.model
+        if segmenter:
+            return _segtorch.load(name, **kwargs)
+        # no inference rewrite to make: the loaded network itself, read once
+        return _segtorch.load(name, **{"fuse_bn": False, "channels_last": False, **kwargs}).model
 
     card = _segtorch.model_card(name)
     entry.__name__ = name

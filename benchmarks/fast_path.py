@@ -18,7 +18,7 @@ import torch
 import segtorch  # noqa: E402
 from segtorch.argtypes import int_pair, model_name, nonnegative_int, positive_int  # noqa: E402
 from segtorch.inference.fuse import fold_batchnorm  # noqa: E402
-from segtorch.segmenter import ChannelsLast  # noqa: E402
+from segtorch.inference.fast_path import ChannelsLast  # noqa: E402
 from segtorch.testing import relative_error, seeded_input, seeded_state_dict  # noqa: E402
 
 NAMES = ["pspnet_resnet50os8_ade20k", "pspnet_resnet101os8_ade20k", "isnet_resnest101os8_ade20k",

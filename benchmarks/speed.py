@@ -1,7 +1,7 @@
 """Inference speed and memory: segtorch vs the SSSegmentation toolbox, same weights and input, side by side.
 
     python benchmarks/speed.py [--repeats 3] [--threads 2] [--skip-memory] [--device cpu|cuda] [--onnx]
-                               [--cases tta,memory,gpu] [--scale 1.0]
+                               [--cases tta,memory,gpu,exact] [--scale 1.0]
 
 Cases (weights are random, seeded; both sides load the same state dict):
   tta       PSPNet R-50-D8 ADE20K, 300x420 image, slide 256x256 stride 171, scales 0.75/1/1.25 + flip
@@ -17,6 +17,9 @@ Cases (weights are random, seeded; both sides load the same state dict):
             with cuDNN's autotuning off and on: time, ratio to the toolbox's fp32 (target >= 5x with AMP on a
             GPU), label agreement with fp32, peak GPU memory of each side. --scale shrinks every size (a quick
             run of the code on the CPU: tests/test_benchmarks.py).
+  exact     ``segtorch.load``'s default fast path against ``exact=True`` (the toolbox's computation step for
+            step) on the gpu cases' ADE20K 512x683 slide 512/341 + six scales + flip (PSPNet R-50-D8, the card's
+            test size), interleaved, on --device: times, ratio (target >= 1.1x), their distance. --scale shrinks it.
   onnx      with --onnx: the tta case's model exported by ``segtorch export`` and run by onnxruntime (CPU,
             same threads) through the same ``Segmenter.logits``, beside eager fp32: times, ratio, agreement.
 The tta case's timings are interleaved (toolbox, segtorch, toolbox, ...); the device cases time each side's
@@ -137,6 +140,7 @@ def case_tta(args, have_toolbox: bool) -> None:
         ckpt = random_checkpoint(TTA_NAME, Path(tmp))
         state = torch.load(ckpt, weights_only=True)["model"]
         seg = segtorch.load(TTA_NAME, checkpoint=ckpt, device=args.device)
+        network = seg.model  # read from the file while it exists: the bf16 and compiled Segmenters' source
     x = seeded_input((1, 3, 300, 420)).to(args.device)
     ours = lambda: seg.logits(x, **TTA)  # noqa: E731
     # both sides on --device, the toolbox with its test script's numerics (TF32 off on a GPU)
@@ -153,7 +157,7 @@ def case_tta(args, have_toolbox: bool) -> None:
         times["segtorch"].append(t)
     med = {k: statistics.median(v) for k, v in times.items() if v}
     # the model's own forward passes over the same crops, through the same batching
-    timer = ForwardTimer(seg.model)
+    timer = ForwardTimer(seg.inference_module)
     settings = seg.inference_settings(**TTA)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -191,7 +195,7 @@ def case_tta(args, have_toolbox: bool) -> None:
         except UsageError as e:
             print(f"bf16: SKIPPED -- {e}")
     else:
-        fast = segtorch.Segmenter(seg.model, seg.card, device=args.device, precision=reduced[0])
+        fast = segtorch.Segmenter(network, seg.card, device=args.device, precision=reduced[0])
         fast.logits(x, **TTA)
         out16, t16 = median_time(lambda: fast.logits(x, **TTA), args.repeats)
         line = (f"{fast.precision}: {t16:.2f} s; accuracy cost: label agreement with fp32 "
@@ -200,7 +204,7 @@ def case_tta(args, have_toolbox: bool) -> None:
             line += f"; ratio toolbox / segtorch-{fast.precision}: {med['toolbox'] / t16:.2f}x (target >= 2.5x)"
         print(line)
     if args.compile:
-        comp = segtorch.Segmenter(seg.model, seg.card, device=args.device, compile=True)
+        comp = segtorch.Segmenter(network, seg.card, device=args.device, compile=True)
         _, first = timed(lambda: comp.logits(x, **TTA))
         outc, tc = median_time(lambda: comp.logits(x, **TTA), args.repeats)
         line = (f"compile: first call {first:.1f} s (compile time ~{first - tc:.1f} s), steady {tc:.2f} s, "
@@ -208,6 +212,36 @@ def case_tta(args, have_toolbox: bool) -> None:
         if "toolbox" in med:
             line += f", ratio toolbox / compiled: {med['toolbox'] / tc:.2f}x"
         print(line)
+
+
+EXACT_CASE = "ade20k 512x683 slide + ms + flip"
+
+
+def case_exact(args) -> None:
+    """The default fast path against ``exact=True`` (the toolbox's computation step for step), same weights and
+    input, interleaved: what the fast path is worth, and how far apart the two are."""
+    name, size, inference = GPU_CASES[EXACT_CASE]
+    size = scaled(size, args.scale)
+    inference = {**inference, "crop_size": scaled(inference["crop_size"], args.scale),
+                 "stride": scaled(inference["stride"], args.scale)}
+    print(f"\n== exact: {EXACT_CASE} (scale {args.scale:g}: {size[0]}x{size[1]}), {name}, default vs exact=True, "
+          f"{args.device}, {args.threads} threads ==")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = random_checkpoint(name, Path(tmp))
+        sides = {"default": segtorch.load(name, checkpoint=ckpt, device=args.device),
+                 "exact": segtorch.load(name, checkpoint=ckpt, device=args.device, exact=True)}
+    x = seeded_input((1, 3, *size)).to(args.device)
+    times, outs = {k: [] for k in sides}, {}
+    for _ in range(args.repeats):  # interleaved
+        for label, seg in sides.items():
+            outs[label], t = timed(lambda: seg.logits(x, **inference))
+            times[label].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for label, runs in times.items():
+        print(f"  {label:<8} {med[label]:8.2f} s (runs {', '.join(f'{t:.2f}' for t in runs)})")
+    print(f"ratio exact / default: {med['exact'] / med['default']:.2f}x (target >= 1.1x); relative error between "
+          f"them {relative_error(outs['default'].cpu(), outs['exact'].cpu()):.1e}, label agreement "
+          f"{agreement(outs['default'].cpu(), outs['exact'].cpu()):.4f}%")
 
 
 def case_onnx(args) -> None:
@@ -280,6 +314,7 @@ def case_gpu(args, have_toolbox: bool) -> None:
             ckpt = random_checkpoint(name, Path(tmp))
             state = torch.load(ckpt, weights_only=True)["model"]
             seg = segtorch.load(name, checkpoint=ckpt, device=device)
+            network = seg.model if reduced_precisions(device) else None  # the reduced-precision ones read it
         x = seeded_input((1, 3, *size)).to(device)
         rows = {}  # label -> (seconds, peak MiB, scores)
 
@@ -296,7 +331,7 @@ def case_gpu(args, have_toolbox: bool) -> None:
         del state
         run("segtorch fp32", lambda: seg.logits(x, **inference))
         for precision in reduced_precisions(device):
-            fast = segtorch.Segmenter(seg.model, seg.card, device=device, precision=precision)
+            fast = segtorch.Segmenter(network, seg.card, device=device, precision=precision)
             for tune in autotune:
                 label = f"segtorch {precision}" + ((" autotuned" if tune else " heuristic")
                                                    if device.type == "cuda" else "")
@@ -386,14 +421,14 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print where segtorch's fp32 time goes, by operator")
     ap.add_argument("--onnx", action="store_true", help="also time onnxruntime (CPU) on the tta case")
-    ap.add_argument("--cases", help="comma-separated, of tta, memory, gpu (default: tta,memory on the CPU, "
+    ap.add_argument("--cases", help="comma-separated, of tta, memory, gpu, exact (default: tta,memory on the CPU, "
                                     "gpu on a GPU)")
-    ap.add_argument("--scale", type=float, default=1.0, help="the gpu cases' sizes times this")
+    ap.add_argument("--scale", type=float, default=1.0, help="the gpu and exact cases' sizes times this")
     args = ap.parse_args()
     default = "gpu" if torch.device(args.device).type == "cuda" else "tta,memory"
     cases = set((args.cases or default).split(","))
-    if cases - {"tta", "memory", "gpu"}:
-        ap.error(f"--cases {args.cases!r}: choose from tta, memory, gpu")
+    if cases - {"tta", "memory", "gpu", "exact"}:
+        ap.error(f"--cases {args.cases!r}: choose from tta, memory, gpu, exact")
     try:
         check_device(args.device, what="--device")
     except UsageError as e:
@@ -420,6 +455,8 @@ def main() -> None:
                   "peak GPU memory")
     if "gpu" in cases:
         case_gpu(args, have_toolbox)
+    if "exact" in cases:
+        case_exact(args)
 
 
 if __name__ == "__main__":

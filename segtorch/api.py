@@ -1,6 +1,7 @@
 """The top-level functions: build a model by name, load weights into it, convert legacy checkpoints."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,6 +10,7 @@ import torch
 
 from .checkpoint import (CheckpointError, ConversionReport, card_for_checkpoint, convert_checkpoint, load_for_model,
                          local_checkpoint, meta_model, optional_keys)
+from .errors import UsageError
 from .registry import ModelCard, model_card
 
 if TYPE_CHECKING:
@@ -81,24 +83,32 @@ def model_with_weights(card: ModelCard, checkpoint: str | os.PathLike | None = N
 
 
 def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
-         precision: str = "fp32", compile: bool = False, fuse_bn: bool | None = None,
+         precision: str = "fp32", compile: bool = False, exact: bool = False, fuse_bn: bool | None = None,
          channels_last: bool | None = None, auxiliary: bool = False, num_classes: int | None = None,
          class_names=None) -> "Segmenter":
     """A ready ``Segmenter`` for checkpoint ``name``: weights loaded (in float32, whatever the file stores),
-    eval mode, on ``device``.
+    eval mode, on ``device``. ``seg.model`` is the network as ``create_model(name)`` builds it, with these
+    weights (built on first use from the memory-mapped file); ``predict``/``logits`` run the Segmenter's own
+    inference rewrite of it.
 
     ``checkpoint``: a local ``.pth``/``.safetensors`` file, an ``.onnx`` file from ``segtorch export`` (run by
-    onnxruntime), or a URL; by default the card's weights are fetched (Hugging Face mirror first, then the GitHub
-    release) and cached. ``precision="bf16"/"fp16"`` (autocast
-    over float32 weights) and ``compile=True`` are opt-in speed; fp32 reproduces the toolbox's outputs.
-    ``fuse_bn`` folds BatchNorm into the convolution before it, and splits the pyramid pooling bottleneck's
-    convolution by its inputs (``seg.model``'s state dict then differs from the toolbox's layout);
-    ``channels_last`` runs ``predict``/``logits`` in NHWC layout. These change only
-    float32 rounding; None = the backbone's measured default (``segtorch.inference.fast_path``), and off
-    with ``auxiliary`` (fine-tuning). ``num_classes``/``class_names``: the classes of a checkpoint trained for
-    other classes than the card's (a file written by ``segtorch train`` names its own).
+    onnxruntime), or a URL; by default the card's weights are fetched (a Hugging Face mirror where the card pins
+    its sha256 or the user configured one, else the GitHub release) and cached.
+
+    What the outputs are (``Segmenter`` gives the measured figures):
+    - default, fp32: the fast path (BatchNorm folded, pyramid pooling bottleneck split, NHWC, batched crops and
+      flips): scores within about twice the toolbox's own float32 error of the float64 answer; label maps as
+      the toolbox's but where two classes nearly tie;
+    - ``exact=True``: the toolbox's own computation step for step (fp32 only): its scores to 2e-6 relative and
+      its label maps;
+    - ``precision="bf16"/"fp16"`` (autocast over float32 weights) and ``compile=True``: opt-in speed, refused
+      where the hardware lacks them.
+    ``fuse_bn`` (fold BatchNorm, split the pyramid pooling bottleneck) and ``channels_last`` (NHWC) choose the
+    fast path's rewrites; None = the backbone's measured default (``segtorch.inference.fast_path``), off with
+    ``exact`` or ``auxiliary`` (fine-tuning).
+    ``num_classes``/``class_names``: the classes of a checkpoint trained for other classes than the card's (a
+    file written by ``segtorch train`` names its own).
     """
-    from .inference.fast_path import fast_path_defaults
     from .inference.precision import check_device, check_precision
     from .segmenter import Segmenter
 
@@ -109,24 +119,35 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     if path.suffix.lower() == ".onnx":  # written by `segtorch export`: onnxruntime runs the forward passes
         from .inference.onnx_runtime import load_onnx_segmenter
 
+        if exact:
+            raise UsageError(f"{path}: exact=True runs the toolbox's computation in torch; load the "
+                             ".safetensors/.pth weights instead of an ONNX export")
         return load_onnx_segmenter(card, path, device, precision, compile)
     card = card_for_checkpoint(card, path, num_classes, class_names)
     model, _ = model_with_weights(card, checkpoint, auxiliary=auxiliary, path=path)
-    fuse_default, channels_last_default = fast_path_defaults(card.architecture["backbone"]["name"], precision)
-    if fuse_bn is None:
-        fuse_bn = not auxiliary and fuse_default
-    if channels_last is None:
-        channels_last = not auxiliary and channels_last_default
-    if fuse_bn:
-        from .inference.fuse import fold_batchnorm
-        from .models.heads.psp import split_pyramid_bottlenecks
+    if auxiliary:
+        fuse_bn = False if fuse_bn is None else fuse_bn
+        channels_last = False if channels_last is None else channels_last
+    return Segmenter(model.to(device), card, device=device, precision=precision, compile=compile, exact=exact,
+                     fuse_bn=fuse_bn, channels_last=channels_last,
+                     _rebuild=functools.partial(_rebuild_model, card, path, auxiliary, _file_identity(path)))
 
-        # folded straight into the layout the model runs in: one pass over the weights, not two
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        fold_batchnorm(model, memory_format=memory_format)
-        split_pyramid_bottlenecks(model, memory_format)
-    return Segmenter(model.to(device), card, device=device, precision=precision, compile=compile,
-                     channels_last=channels_last)
+
+def _file_identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _rebuild_model(card: ModelCard, path: Path, auxiliary: bool, identity: tuple[int, int, int]) -> torch.nn.Module:
+    """``Segmenter.model`` for ``load``: the network read again from the weights file it was loaded from, which
+    must be that very file still."""
+    try:
+        if _file_identity(path) != identity:
+            raise CheckpointError(f"{path}: replaced or changed since the model was loaded")
+        return model_with_weights(card, path=path, auxiliary=auxiliary)[0]
+    except (CheckpointError, OSError) as e:
+        raise CheckpointError(f"seg.model is read from the weights file on first use, and that failed ({e}); "
+                              "load the model again") from None
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, name: str, *, auxiliary: bool = False

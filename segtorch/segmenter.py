@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import torch
@@ -31,69 +32,104 @@ def prepare_image(card: ModelCard, image) -> tuple[np.ndarray, torch.Tensor]:
     return image, card_preprocessor(card)(image)
 
 
-class ChannelsLast(torch.nn.Module):
-    """Runs ``model`` on NHWC inputs: oneDNN's and cuDNN's faster convolution layout (same results to
-    rounding). The model's weights are converted once, here (a no-op for those ``load`` already folded into
-    channels-last tensors)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model.to(memory_format=torch.channels_last)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.contiguous(memory_format=torch.channels_last))
-
-
-def reduced_precision_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of ``model`` whose convolution weights are stored in ``dtype``: autocast would cast them to it
-    on every call (same values, so the same outputs); everything else (norms, softmax, the scores) stays
-    float32 as autocast keeps it."""
-    import copy
-
-    fast = copy.deepcopy(model)
-    for module in fast.modules():
-        if type(module) is torch.nn.Conv2d:
-            module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
-            if module.bias is not None:
-                module.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-    return fast
+def compiled(module: torch.nn.Module, device: torch.device):
+    """``torch.compile(module)``; on the CPU with inductor's ``freezing`` (pre-packed convolution weights), given as
+    this compile's option rather than set in inductor's process-wide configuration. The one-off compile happens
+    on the first call per input shape."""
+    return torch.compile(module, options={"freezing": True} if device.type == "cpu" else None)
 
 
 class Segmenter:
     """A model ready for inference.
 
-    ``model``: the nn.Module (float32); ``model(x)`` gives the main head's scores at its output stride.
+    ``model``: the checkpoint's network as ``create_model`` builds it (BatchNorm present, trainable, NCHW,
+    float32, eval mode); ``model(x)`` gives the main head's scores at its output stride, the toolbox's forward.
     ``logits`` and ``predict`` run the card's inference settings (whole/slide, scales, flips) at the chosen
-    precision. ``channels_last``: None = the backbone's measured default for that precision
-    (``segtorch.inference.fast_path``).
+    precision, through the Segmenter's own inference module (``inference_module``), made from ``model`` when
+    the Segmenter is made: later changes to ``model`` (training, pruning) do not reach it, except where nothing
+    is rewritten (``exact`` mode; fp32 with ``fuse_bn`` and ``channels_last`` off), which runs ``model`` itself.
+    ``Segmenter(model, card)`` leaves ``model`` unchanged (the rewrite shares every tensor it does not change).
+
+    Two modes:
+    - default (the fast path): BatchNorm folded into the convolutions and pyramid pooling bottlenecks split
+      (``fuse_bn``), NHWC convolutions (``channels_last``), crops and flips batched, a scale's flipped scores
+      summed before its one resize, single-scale label maps from ``resize_argmax``. Each is exact in real
+      arithmetic; the scores stay within about twice the toolbox's own float32 error of the float64 answer
+      (1e-7 to 5e-7 relative on the parity checkpoints; tests/test_parity.py), and label maps differ from the
+      toolbox's only where two classes' scores nearly tie.
+    - ``exact=True``: the toolbox's computation, step for step, on ``model`` itself: every crop one forward pass,
+      each scale and flip resized to the output on its own, summed in the toolbox's order, then argmax.
+      Scores within 2e-6 relative of the toolbox's (measured against the toolbox in the same process on
+      PSPNet R-50-D8: bit-equal on slide + multi-scale + flip, 1.7e-7 on a whole image; 5e-8 to 2.4e-7
+      against the recorded outputs), label maps of image files identical to its inference script's
+      (tests/test_exact.py). Slower: crops and flips one forward pass each. fp32 only, not compiled.
+
+    ``fuse_bn`` / ``channels_last``: None = the backbone's measured default for that precision
+    (``segtorch.inference.fast_path``); off in ``exact`` mode.
     """
 
     def __init__(self, model: torch.nn.Module, card: ModelCard, device: torch.device | str = "cpu",
-                 precision: str = "fp32", compile: bool = False, channels_last: bool | None = None):
-        from .inference.fast_path import fast_path_defaults
+                 precision: str = "fp32", compile: bool = False, channels_last: bool | None = None,
+                 fuse_bn: bool | None = None, exact: bool = False, *, _rebuild=None):
+        from .inference.fast_path import fast_module, fast_path_defaults
         from .inference.precision import check_device, check_precision, reduced_dtype
 
+        if exact and (precision != "fp32" or compile or fuse_bn or channels_last):
+            raise UsageError("exact=True runs the toolbox's own float32 computation: drop "
+                             + ", ".join(k for k, v in (("precision", precision != "fp32"), ("compile", compile),
+                                                        ("fuse_bn", fuse_bn), ("channels_last", channels_last))
+                                         if v))
         self.device = check_device(device)
         check_precision(self.device, precision)
-        self.model = model
         self.card = card
         self.precision = precision
-        if channels_last is None:
-            channels_last = fast_path_defaults(card.architecture["backbone"]["name"], precision)[1]
-        self.channels_last = channels_last
-        forward = model if precision == "fp32" else reduced_precision_copy(model, reduced_dtype(precision))
-        self._forward = ChannelsLast(forward) if channels_last else forward
+        self.exact = exact
+        fuse_default, channels_last_default = fast_path_defaults(card.architecture["backbone"]["name"], precision)
+        self.fuse_bn = not exact and (fuse_default if fuse_bn is None else fuse_bn)
+        self.channels_last = not exact and (channels_last_default if channels_last is None else channels_last)
+        # _rebuild (load's): ``model`` belongs to this Segmenter and becomes its inference module in place; the
+        # network itself is built again from the weights file when ``model`` is first asked for, so that the
+        # two are held at once only by whoever uses both
+        self._rebuild = _rebuild if (_rebuild is not None and (self.fuse_bn or self.channels_last
+                                                               or precision != "fp32")) else None
+        self._model = None if self._rebuild is not None else model
+        self._model_lock = threading.Lock()
+        self._forward = fast_module(model, fuse_bn=self.fuse_bn, channels_last=self.channels_last,
+                                    dtype=None if precision == "fp32" else reduced_dtype(precision),
+                                    in_place=self._rebuild is not None)
         if compile:
-            # freezing lets the CPU backend pre-pack convolution weights; the one-off compile happens on the
-            # first call per input shape
-            if self.device.type == "cpu":
-                import torch._inductor.config as inductor_config
+            self._forward = compiled(self._forward, self.device)
 
-                inductor_config.freezing = True
-            self._forward = torch.compile(self._forward)
+    def __getstate__(self) -> dict:  # picklable (to worker processes) but for the lock, which is made anew
+        state = dict(self.__dict__)
+        del state["_model_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._model_lock = threading.Lock()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The checkpoint's network as ``create_model(card.name)`` builds it, with the weights loaded:
+        BatchNorm present, parameters trainable, NCHW, float32, eval mode (``load`` builds it on first use,
+        from the weights file, memory-mapped: the inference module holds the rewritten copy)."""
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    self._model = self._rebuild().to(self.device)
+        return self._model
+
+    @property
+    def inference_module(self) -> torch.nn.Module:
+        """The module ``logits``/``predict`` run (the fast path's rewrite of ``model``: folded, split,
+        channels-last, reduced-precision weights; ``model`` itself in exact mode): for timing and inspection.
+        Its state dict is not the checkpoint's layout; use ``model`` for anything else."""
+        return self._forward
 
     def __repr__(self) -> str:
-        return f"Segmenter({self.card.name!r}, device={str(self.device)!r}, precision={self.precision!r})"
+        exact = ", exact=True" if self.exact else ""
+        return f"Segmenter({self.card.name!r}, device={str(self.device)!r}, precision={self.precision!r}{exact})"
 
     def _autocast(self):
         from .inference.precision import autocast_context
@@ -124,16 +160,19 @@ class Segmenter:
           already applied: scores at the input size, or at ``output_size`` (h, w). No test-time resize is
           done here: to match ``predict``, resize as ``segtorch.inference.preprocess`` does (or pass the image).
         """
-        from .inference.predictor import infer_logits
-
         settings = self.inference_settings(tta, mode=mode, crop_size=crop_size, stride=stride, scales=scales,
                                            flip=flip)
         x, size = self._as_batch(images)
         with torch.inference_mode(), self._autocast():
-            scores = infer_logits(self._forward, x.to(self.device), num_classes=self.card.num_classes,
+            scores = self._scores(x.to(self.device), num_classes=self.card.num_classes,
                                   align_corners=self.card.architecture["align_corners"],
                                   output_size=output_size or size, **settings)
         return scores.float()
+
+    def _scores(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        from .inference.predictor import infer_logits, toolbox_logits
+
+        return (toolbox_logits if self.exact else infer_logits)(self._forward, x, **kwargs)
 
     def _as_batch(self, images) -> tuple[torch.Tensor, tuple[int, int] | None]:
         """(normalised N,3,h,w float tensor, the size scores go back to or None for the input's own)."""
@@ -192,15 +231,23 @@ class Segmenter:
                          crop_size=None, stride=None, return_scores: bool = False) -> list:
         """``predict`` for N prepared images of one original ``size`` (h, w), stacked N x 3 x h x w: one
         label map (or (labels, confidence)) per image."""
-        from .inference.predictor import infer_labels, infer_logits, labels_and_confidence
+        from .inference.predictor import class_argmax, infer_labels, labels_and_confidence
 
         settings = self.inference_settings(tta, mode=mode, crop_size=crop_size, stride=stride)
         kwargs = dict(num_classes=self.card.num_classes, align_corners=self.card.architecture["align_corners"],
                       output_size=tuple(size), **settings)
         with torch.inference_mode(), self._autocast():
             if not return_scores:
-                return list(infer_labels(self._forward, batch.to(self.device), **kwargs).cpu().numpy())
-            scores = infer_logits(self._forward, batch.to(self.device), **kwargs)
+                if self.exact:  # as the toolbox's inference script: one image at a time, argmax of the full scores
+                    labels = torch.cat([class_argmax(self._scores(image[None].to(self.device), **kwargs))
+                                        for image in batch])
+                else:
+                    labels = infer_labels(self._forward, batch.to(self.device), **kwargs)
+                return list(labels.cpu().numpy())
+            if self.exact:
+                scores = torch.cat([self._scores(image[None].to(self.device), **kwargs) for image in batch])
+            else:
+                scores = self._scores(batch.to(self.device), **kwargs)
             labels, confidence = labels_and_confidence(scores, bool(settings["softmax_before_resize"]))
         return list(zip(labels.cpu().numpy(), confidence.cpu().numpy()))
 

@@ -40,6 +40,13 @@ def test_speed_device_cases_run_on_the_cpu():
     assert out.stdout.count("agreement with fp32" if cpu_supports_bf16() else "reduced precision: SKIPPED") == 3
 
 
+def test_speed_exact_case_runs_small():
+    out = run_benchmark("speed.py", "--cases", "exact", "--scale", "0.0625", "--repeats", "1")
+    assert out.returncode == 0, out.stderr
+    assert "== exact: ade20k 512x683 slide + ms + flip (scale 0.0625: 32x40)" in out.stdout
+    assert "ratio exact / default: " in out.stdout and "label agreement" in out.stdout
+
+
 def test_speed_refuses_a_missing_gpu_and_unknown_cases():
     if not torch.cuda.is_available():
         out = run_benchmark("speed.py", "--device", "cuda")

@@ -607,10 +607,11 @@ def test_load_splits_the_pyramid_bottleneck_only_on_the_fast_path(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(seeded_state_dict(segtorch.create_model(name).state_dict()), str(path))
     def split(seg):
-        return [isinstance(m, SplitBottleneckConv) for m in seg.model.modules()].count(True)
+        return [isinstance(m, SplitBottleneckConv) for m in seg.inference_module.modules()].count(True)
 
     assert split(segtorch.load(name, checkpoint=path)) == 1
     assert split(segtorch.load(name, checkpoint=path, fuse_bn=False)) == 0
+    assert split(segtorch.load(name, checkpoint=path, exact=True)) == 0
 
 
 def test_fold_batchnorm_on_resnet_bottleneck():
@@ -628,11 +629,11 @@ def test_autocast_context(monkeypatch):
         autocast_context("cpu", "int8")
     with pytest.raises(segtorch.UsageError, match="only offered on CUDA"):  # one line in the CLI
         autocast_context("cpu", "fp16")
-    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset({"avx2"}))
-    with pytest.raises(segtorch.UsageError, match="AVX512-BF16 or AMX"):
+    monkeypatch.setattr(precision_mod, "_x86_native_bf16", lambda: False)  # an x86 CPU without AVX512-BF16/AMX
+    with pytest.raises(segtorch.UsageError, match="AVX512-BF16 or AMX on x86, the BF16 extension on Arm"):
         autocast_context("cpu", "bf16")
     assert precision_mod.reduced_precisions("cpu") == ()
-    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(precision_mod, "_x86_native_bf16", lambda: True)
     with autocast_context("cpu", "bf16"):
         assert torch.is_autocast_enabled("cpu")
     assert precision_mod.reduced_precisions("cpu") == ("bf16",)
@@ -738,10 +739,12 @@ def test_benchmarks_name_the_cpu_kind(monkeypatch):
     info = {"model name": "AMD EPYC", "cpu family": "26", "model": "2", "flags": "sse avx2 fma avx512f avx512_bf16"}
     monkeypatch.setattr(precision_mod, "_cpuinfo", lambda: info)
     monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset(info["flags"].split()))
+    monkeypatch.setattr(precision_mod, "_x86_native_bf16", lambda: True)
     assert precision_mod.describe_cpu() == ("AMD EPYC (family 26 model 2); flags: avx2 avx512_bf16 avx512f fma; "
                                             "bf16 fast path: yes")
     monkeypatch.setattr(precision_mod, "_cpuinfo", lambda: {})
     monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset())
+    monkeypatch.setattr(precision_mod, "_x86_native_bf16", lambda: False)
     assert precision_mod.describe_cpu() == "unknown CPU; flags: unknown; bf16 fast path: no"
 
 
@@ -753,6 +756,7 @@ def test_kernel_caps_are_named_and_bound_bf16(monkeypatch):
     info = {"model name": "AMD EPYC", "cpu family": "26", "model": "2", "flags": "avx2 fma avx512f avx512_bf16"}
     monkeypatch.setattr(precision_mod, "_cpuinfo", lambda: info)
     monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset(info["flags"].split()))
+    monkeypatch.setattr(precision_mod, "_x86_native_bf16", lambda: True)
     assert precision_mod.kernel_caps() == "" and precision_mod.cpu_supports_bf16()
     for uncapped in ("ALL", "DEFAULT", "avx512_core_amx", "AVX512_CORE_BF16", "NONSENSE"):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", uncapped)
@@ -843,10 +847,10 @@ def test_reduced_precision_copy_gives_autocasts_outputs(monkeypatch):
     bf16 instructions; the fp16 path on CUDA is the same code with another dtype.)"""
     from segtorch import Segmenter
 
-    monkeypatch.setattr(precision_mod, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(precision_mod, "_x86_native_bf16", lambda: True)
     seg = _demo()
     x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
-    fast = Segmenter(seg.model, seg.card, precision="bf16", channels_last=False)
+    fast = Segmenter(seg.model, seg.card, precision="bf16", fuse_bn=False, channels_last=False)
     with torch.inference_mode():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             expected = seg.model(x)

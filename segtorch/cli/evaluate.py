@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32 reproduces the toolbox; bf16/fp16 are faster (the fp32 run is repeated to print "
                         "their accuracy cost)")
+    p.add_argument("--exact", action="store_true",
+                   help="the toolbox's own computation step for step (its label maps; slower): no fast path")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON (and Markdown beside it, .md)")
     p.add_argument("--markdown", metavar="OUT", help="where to write the Markdown table (default: beside --json)")
     p.add_argument("--workers", type=nonnegative_int, default=2,
@@ -135,8 +137,8 @@ def _run(args: argparse.Namespace, names: list[str], shard, out, err) -> int:
             continue
         result = evaluate_model(card.name, args.data_root, checkpoint=args.checkpoint, tta=args.tta,
                                 limit=args.limit, split=args.split, device=shard.device, precision=args.precision,
-                                workers=args.workers, batch_size=args.batch_size, progress=progress,
-                                distributed=shard.world_size > 1)
+                                exact=args.exact, workers=args.workers, batch_size=args.batch_size,
+                                progress=progress, distributed=shard.world_size > 1)
         print(result.table(), file=out, flush=True)
         print(f"{result.num_images} images in {result.seconds:.2f}s "
               f"({result.num_images / max(result.seconds, 1e-9):.2f} images/s)", file=out, flush=True)

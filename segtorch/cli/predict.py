@@ -44,6 +44,8 @@ def add_parser(subparsers):
                    help="fp32 reproduces the toolbox; bf16 (CPU with AVX512-BF16/AMX, or CUDA) and fp16 (CUDA) "
                         "are faster")
     s.add_argument("--compile", action="store_true", help="torch.compile the model (pays off over many images)")
+    s.add_argument("--exact", action="store_true",
+                   help="the toolbox's own computation step for step (its label maps; slower): no fast path")
     s.add_argument("--check-agreement", action="store_true",
                    help="also run fp32 and print the label agreement of the chosen precision/compile")
     s.add_argument("--out", default="segtorch_out", help="output folder (default ./segtorch_out)")
@@ -272,7 +274,7 @@ def _predict(args, shard, outputs, out, created, all_files, errors, notes) -> in
     files = shard.take(all_files)
     t0 = time.perf_counter()
     seg = load(args.model or _default_model(), checkpoint=args.checkpoint, device=shard.device or "cpu",
-               precision=args.precision, compile=args.compile)
+               precision=args.precision, compile=args.compile, exact=args.exact)
     reference = None
     if args.check_agreement and (args.precision != "fp32" or args.compile):
         reference = Segmenter(seg.model, seg.card, device=seg.device)  # same weights, fp32, not compiled

@@ -11,7 +11,7 @@ _LAZY = {
     "ImageReadError": "image", "preprocess": "image", "read_image": "image", "resized_size": "image",
     "autocast_context": "precision", "check_precision": "precision", "cpu_supports_bf16": "precision",
     "infer_labels": "predictor", "infer_logits": "predictor", "predict_labels": "predictor",
-    "slide_windows": "predictor",
+    "slide_windows": "predictor", "toolbox_logits": "predictor",
     "colorize": "render", "legend": "render", "overlay": "render",
 }
 __all__ = sorted(_LAZY)

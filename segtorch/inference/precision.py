@@ -1,8 +1,8 @@
 """Reduced-precision inference: an autocast context that refuses, with the reason, what the hardware cannot do.
 
-fp32 is the default and the only precision that reproduces the toolbox's numbers; bf16/fp16 trade a little
-accuracy in the scores for speed. The CPU runs bf16 fast only with AVX512-BF16 or AMX (elsewhere it is
-emulated, slower than fp32), and fp16 autocast is offered on CUDA only. On CUDA every precision runs with the
+fp32 is the default (``exact=True``: the toolbox's own numbers); bf16/fp16 trade a little accuracy in the
+scores for speed. The CPU is asked of torch whether it computes in bf16 natively (x86 AVX512-BF16 or AMX, Arm's
+BF16 extension; elsewhere bf16 is emulated, slower than fp32), and fp16 autocast is offered on CUDA only. On CUDA every precision runs with the
 toolbox's numerics (``toolbox_cuda_numerics``): TF32 off.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -82,11 +83,38 @@ def kernel_caps() -> str:
     return ", ".join(caps)
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether bf16 runs fast here: AVX512-BF16 or AMX, and oneDNN not capped below them."""
+def _is_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def _x86_native_bf16() -> bool:
+    """An x86 CPU that computes in bf16 itself (AVX512-BF16 or AMX), as torch's CPU probe reports it."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def _bf16_kernels_capped() -> bool:
+    """ONEDNN_MAX_CPU_ISA caps oneDNN below its native bf16 kernels."""
     cap = onednn_isa_cap()
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}) and (
-        cap is None or _ONEDNN_ISAS.index(cap) >= _ONEDNN_ISAS.index("AVX512_CORE_BF16"))
+    return cap is not None and _ONEDNN_ISAS.index(cap) < _ONEDNN_ISAS.index("AVX512_CORE_BF16")
+
+
+def _onednn_bf16() -> bool:
+    """torch's oneDNN has bfloat16 kernels for this CPU (Arm's BF16 extension, x86's AVX-512 and newer)."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN's operators
+        return False
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether bf16 runs fast on this CPU, as torch reports it: oneDNN has bfloat16 kernels here, and on x86
+    they compute in bf16 natively (plain AVX-512 only emulates it, slower than fp32) and no
+    ONEDNN_MAX_CPU_ISA cap keeps them from it."""
+    if _onednn_bf16() and _is_x86():
+        return _x86_native_bf16() and not _bf16_kernels_capped()
+    return _onednn_bf16()
 
 
 def check_device(device: torch.device | str, what: str = "device") -> torch.device:
@@ -128,12 +156,12 @@ def check_precision(device: torch.device | str, precision: str) -> None:
             raise UsageError("precision 'fp16' is only offered on CUDA; on the CPU use 'bf16' (with "
                                "AVX512-BF16 or AMX) or 'fp32'")
         if not cpu_supports_bf16():
-            if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+            if _is_x86() and _x86_native_bf16() and _bf16_kernels_capped():
                 raise UsageError(f"precision 'bf16' on the CPU needs oneDNN's AVX512_CORE_BF16 kernels or newer, "
                                  f"and the environment caps them to {onednn_isa_cap()} (ONEDNN_MAX_CPU_ISA); "
                                  "unset it or use 'fp32'")
-            raise UsageError("precision 'bf16' on the CPU needs AVX512-BF16 or AMX (flags avx512_bf16 / "
-                               "amx_bf16 are not in /proc/cpuinfo); use 'fp32'")
+            raise UsageError("precision 'bf16' on the CPU needs native bfloat16 arithmetic (AVX512-BF16 or AMX "
+                             "on x86, the BF16 extension on Arm), which torch does not report here; use 'fp32'")
         return
     raise UsageError(f"precision {precision!r} is not supported on device type {device.type!r}; use 'fp32'")
 
@@ -162,28 +190,65 @@ def _tf32_switches() -> list[tuple[object, str, object]]:
     return [(backends.cudnn, "allow_tf32", False), (backends.cuda.matmul, "allow_tf32", False)]
 
 
+class _SwitchHolder:
+    """Process-wide switches held at given values while any holder is inside, shared by threads: the first to
+    enter saves the values found and sets them, the last to leave puts back the saved values (a switch someone
+    else changed in between, the user's own setting, is left as they set it). Saving and restoring per call
+    instead lets two overlapping calls hand each other's values back: the user's setting ends up flipped."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._held: dict[tuple[int, str], list] = {}  # (id(owner), name) -> [owner, value set, saved, holders]
+
+    @contextlib.contextmanager
+    def hold(self, switches: list[tuple[object, str, object]]):
+        keys = []
+        with self._lock:
+            for owner, name, value in switches:
+                key = (id(owner), name)
+                entry = self._held.get(key)
+                if entry is None:
+                    entry = self._held[key] = [owner, value, getattr(owner, name), 0]
+                    setattr(owner, name, value)
+                elif entry[1] != value:  # another block holds it at another value: a bug in segtorch
+                    raise RuntimeError(f"{name} is held at {entry[1]!r} by a running block, not {value!r}")
+                entry[3] += 1
+                keys.append(key)
+        try:
+            yield
+        finally:
+            with self._lock:
+                for key in keys:
+                    entry = self._held[key]
+                    entry[3] -= 1
+                    if entry[3] == 0:
+                        del self._held[key]
+                        owner, name = entry[0], key[1]
+                        if getattr(owner, name) == entry[1]:
+                            setattr(owner, name, entry[2])
+
+
+_CUDA_SWITCHES = _SwitchHolder()
+
+
 @contextlib.contextmanager
 def toolbox_cuda_numerics(device: torch.device | str, cudnn_benchmark: bool | None = None):
     """Within the block, on a CUDA device, the toolbox's settings: TF32 off for cuDNN's convolutions and CUDA's
     matmuls (its training, test and inference scripts all set that, "open full fp32"; PyTorch's default runs
     fp32 convolutions on Ampere and newer GPUs in TF32, a 10-bit mantissa: errors ~1e-3 where float32's are
     ~1e-6), and cuDNN's autotuning where ``cudnn_benchmark`` is given (its training sets it from the config:
-    on for all 74). The previous values come back after the block. These are process-wide switches: CUDA work
-    of other threads during the block runs under them too. On other devices nothing changes."""
+    on for all 74). These switches are process-wide and torch has no per-thread form of them: blocks of
+    several threads share one hold on them (``_SwitchHolder``), and the values found before the first block
+    come back after the last one; CUDA work of other threads during the blocks runs under them too. On other
+    devices (the CPU never uses TF32) nothing is touched."""
     if torch.device(device).type != "cuda":
         yield
         return
     switches = _tf32_switches()
     if cudnn_benchmark is not None:
         switches.append((torch.backends.cudnn, "benchmark", cudnn_benchmark))
-    saved = [getattr(owner, name) for owner, name, _ in switches]
-    try:
-        for owner, name, value in switches:
-            setattr(owner, name, value)
+    with _CUDA_SWITCHES.hold(switches):
         yield
-    finally:
-        for (owner, name, _), value in zip(switches, saved):
-            setattr(owner, name, value)
 
 
 def autocast_context(device: torch.device | str, precision: str = "fp32") -> contextlib.AbstractContextManager:

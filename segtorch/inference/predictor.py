@@ -279,6 +279,69 @@ def infer_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_
     return total
 
 
+def _toolbox_pass(model: Model, x: torch.Tensor, *, num_classes: int, align_corners: bool, mode: str,
+                  crop_size, stride, softmax: bool) -> torch.Tensor:
+    """The toolbox's ``BaseSegmentor.inference`` on one scaled (or flipped) batch, operation for operation."""
+    if mode == "whole":
+        scores = _run(model, x)
+        return scores.softmax(dim=1) if softmax else scores
+    n, _, height, width = x.shape
+    scores = x.new_zeros((n, num_classes, height, width))
+    count = x.new_zeros((n, 1, height, width))
+    # its buffer gains each crop padded to full size with zeros, crop after crop: adding a crop into its slice
+    # adds the same values in the same order (x + 0 is x)
+    for y1, y2, x1, x2 in slide_windows(height, width, _pair(crop_size, "crop_size"), _pair(stride, "stride")):
+        crop = x[:, :, y1:y2, x1:x2]
+        out = F.interpolate(_run(model, crop), size=crop.shape[2:], mode="bilinear", align_corners=align_corners)
+        if softmax:
+            out = F.softmax(out, dim=1)
+        scores[:, :, y1:y2, x1:x2] += out
+        count[:, :, y1:y2, x1:x2] += 1
+    return scores / count
+
+
+@torch.inference_mode()
+def toolbox_logits(model: Model, images: torch.Tensor, *, num_classes: int, align_corners: bool,
+                   output_size: Sequence[int] | None = None, mode: str | None = "whole",
+                   crop_size: Sequence[int] | int | None = None, stride: Sequence[int] | int | None = None,
+                   scales: Sequence[float] | None = (1.0,), flip: bool | None = False,
+                   flip_pairs: Sequence[Sequence[int]] | None = (), softmax_before_resize: bool | None = False,
+                   batch_crops: int | None = None) -> torch.Tensor:
+    """``infer_logits`` computed as the toolbox computes it (``exact`` mode), for the same arguments: per scale
+    ``interpolate(scale_factor=s)`` (scale 1 too), the whole image or every crop in its own forward pass
+    (``batch_crops`` is not used), the flipped pass as a separate pass whose paired classes are swapped and
+    which is flipped back, every scale's and flip's scores resized to the output size on their own, summed in
+    the toolbox's order (scale by scale, each flip after its scale), divided by their number. The same float32
+    operations in the same order give the toolbox's numbers; the sum is kept as it goes rather than as the
+    toolbox's list of full-size maps (the same additions, one map held instead of one per scale and flip)."""
+    mode = mode or "whole"
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"mode must be 'whole' or 'slide', not {mode!r}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be N x 3 x H x W, got shape {tuple(images.shape)}")
+    size = _output_size(images, output_size)
+    swap = _swap_index(num_classes, flip_pairs) if flip else None
+    dtype = _model_dtype(model)
+    kwargs = dict(num_classes=num_classes, align_corners=align_corners, mode=mode, crop_size=crop_size,
+                  stride=stride, softmax=bool(softmax_before_resize))
+    total, terms = None, 0
+    for s in tuple(scales) if scales else (1.0,):
+        x = F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=align_corners)
+        if dtype is not None:  # the toolbox casts each pass's input to its parameters' dtype
+            x = x.to(dtype)
+        passes = [_toolbox_pass(model, x, **kwargs)]
+        if flip:
+            flipped = _toolbox_pass(model, x.flip(3), **kwargs)
+            passes.append((flipped[:, swap] if swap is not None else flipped).flip(3))
+        for scores in passes:
+            if scores.shape[1] != num_classes:
+                raise ValueError(f"the model gives {scores.shape[1]} class scores, the card says {num_classes}")
+            resized = F.interpolate(scores, size=size, mode="bilinear", align_corners=align_corners)
+            total = resized if total is None else total.add_(resized)  # sum() starts at 0: 0 + a is a
+            terms += 1
+    return total / terms
+
+
 @torch.inference_mode()
 def infer_labels(model: Model, images: torch.Tensor, *, num_classes: int, align_corners: bool,
                  output_size: Sequence[int] | None = None, **settings) -> torch.Tensor:
