@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-# the precisions segtorch runs at (fp32 reproduces the toolbox; see segtorch.inference.precision)
+# the precisions segtorch runs at (fp32 is within 2x the toolbox's float32 error; see segtorch.inference.precision)
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 

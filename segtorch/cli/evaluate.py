@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--split", help="dataset split (default: the split the card reports on)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="fp32 reproduces the toolbox; bf16/fp16 are faster (the fp32 run is repeated to print "
-                        "their accuracy cost)")
+                   help="fp32 (default): within 2x the toolbox's float32 error (--exact: its computation); "
+                        "bf16/fp16 are faster (the fp32 run is repeated to print their accuracy cost)")
     p.add_argument("--exact", action="store_true",
                    help="the toolbox's own computation step for step (its label maps; slower): no fast path")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON (and Markdown beside it, .md)")

@@ -41,8 +41,8 @@ def add_parser(subparsers):
     s.add_argument("--tta", action="store_true", help="the card's multi-scale + flip settings")
     s.add_argument("--mode", choices=("whole", "slide"), help="override the card's inference mode")
     s.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 reproduces the toolbox; bf16 (CPU with AVX512-BF16/AMX, or CUDA) and fp16 (CUDA) "
-                        "are faster")
+                   help="fp32 (default): within 2x the toolbox's float32 error (--exact: its computation); bf16 "
+                        "(CPUs with native bf16, or CUDA) and fp16 (CUDA) are faster")
     s.add_argument("--compile", action="store_true", help="torch.compile the model (pays off over many images)")
     s.add_argument("--exact", action="store_true",
                    help="the toolbox's own computation step for step (its label maps; slower): no fast path")

@@ -196,8 +196,9 @@ def _train(args, card, train_card, work_dir: Path, log) -> int:
         model = build_model(card, train_card.num_classes, args.init, log=log)
 
     def predict(model, image):  # the card's own test pipeline (resize, whole/slide, resize back)
+        # on the model being trained as it is: no folded or channels-last copy made for every validation image
         device = next(model.parameters()).device
-        return Segmenter(model, train_card, device=device).predict(image)
+        return Segmenter(model, train_card, device=device, fuse_bn=False, channels_last=False).predict(image)
 
     trainer = Trainer(model, TrainingSet(train_data, build_transforms(pipeline), seed=args.seed), config,
                       val_set=val_data, predict=predict, log=lambda message: print(message, flush=True))
