@@ -82,12 +82,12 @@ def model_with_weights(card: ModelCard, checkpoint: str | os.PathLike | None = N
 
 def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
          precision: str = "fp32", compile: bool = False, fuse_bn: bool | None = None,
-         channels_last: bool | None = None, auxiliary: bool = False) -> "Segmenter":
+         channels_last: bool | None = None, auxiliary: bool = False, runtime: str | None = None) -> "Segmenter":
     """A ready ``Segmenter`` for checkpoint ``name``: weights loaded (in float32, whatever the file stores),
     eval mode, on ``device``.
 
     ``checkpoint``: a local ``.pth``/``.safetensors`` file, an ``.onnx`` file from ``segtorch export`` (run by
-    onnxruntime), or a URL; by default the card's weights are fetched (Hugging Face mirror first, then the GitHub
+    ``runtime``: "onnxruntime", the default, or "openvino"), or a URL; by default the card's weights are fetched (Hugging Face mirror first, then the GitHub
     release) and cached. ``precision="bf16"/"fp16"`` (autocast
     over float32 weights) and ``compile=True`` are opt-in speed; fp32 reproduces the toolbox's outputs.
     ``fuse_bn`` folds BatchNorm into the convolution before it, and splits the pyramid pooling bottleneck's
@@ -107,7 +107,11 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     if path.suffix.lower() == ".onnx":  # written by `segtorch export`: onnxruntime runs the forward passes
         from .inference.onnx_runtime import load_onnx_segmenter
 
-        return load_onnx_segmenter(card, path, device, precision, compile)
+        return load_onnx_segmenter(card, path, device, precision, compile, runtime)
+    if runtime is not None:
+        from .errors import UsageError
+
+        raise UsageError(f"runtime={runtime!r} runs files written by `segtorch export`; {path} is not .onnx")
     model, _ = model_with_weights(card, checkpoint, auxiliary=auxiliary, path=path)
     fuse_default, channels_last_default = fast_path_defaults(card.architecture["backbone"]["name"], precision)
     if fuse_bn is None:

@@ -48,6 +48,8 @@ def add_parser(subparsers):
                    help="fp32 reproduces the toolbox; bf16 (CPU with AVX512-BF16/AMX, or CUDA) and fp16 (CUDA) "
                         "are faster")
     s.add_argument("--compile", action="store_true", help="torch.compile the model (pays off over many images)")
+    s.add_argument("--runtime", choices=("onnxruntime", "openvino"),
+                   help="what runs an exported .onnx --checkpoint (default onnxruntime)")
     s.add_argument("--check-agreement", action="store_true",
                    help="also run fp32 and print the label agreement of the chosen precision/compile")
     s.add_argument("--out", default="segtorch_out", help="output folder (default ./segtorch_out)")
@@ -183,6 +185,9 @@ def _check_options(args) -> Path:
     check_device(args.device, what="--device")
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError("--batch-size must be at least 1 and --workers at least 0")
+    if args.check_agreement and args.precision == "fp32" and not args.compile:
+        raise UsageError("--check-agreement has nothing to compare at fp32 without --compile: it compares "
+                         "--precision bf16/fp16 or --compile with fp32")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is an existing file, not a folder; name a folder (it is created)")
@@ -321,7 +326,7 @@ def cmd_predict(args) -> int:
     read_ahead(ahead + args.batch_size)
     try:
         seg = load(name, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
-                   compile=args.compile)
+                   compile=args.compile, runtime=args.runtime)
         # start-up, not per image: the modules the pipeline uses (the PNG encoder's ISA-L among them) are
         # imported with the model, not by the first images' threads
         for module in ("png", "predictor", "render", "resize_argmax"):

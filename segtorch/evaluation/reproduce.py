@@ -18,7 +18,7 @@ def reported_for(card, tta: bool) -> float | None:
 
 def evaluate_model(name: str, data_root: str, *, checkpoint=None, tta: bool = False, limit: int | None = None,
                    split: str | None = None, device: str | None = None, precision: str = "fp32", workers: int = 2,
-                   batch_size: int = 4, progress: bool | None = None):
+                   batch_size: int = 4, progress: bool | None = None, runtime: str | None = None):
     """Evaluate one model (its card's test pipeline, or with ``tta`` its ms+flip settings); an EvalResult.
 
     The reading processes (``workers``) also run the card's test-time resize and normalisation; in whole
@@ -35,7 +35,7 @@ def evaluate_model(name: str, data_root: str, *, checkpoint=None, tta: bool = Fa
     split = split or card.training.get("eval_split") or card.reported_split or "val"
     dataset = dataset_class(card.dataset)(data_root, split, class_names=card.class_names)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    seg = segtorch.load(card.name, checkpoint=checkpoint, device=device, precision=precision)
+    seg = segtorch.load(card.name, checkpoint=checkpoint, device=device, precision=precision, runtime=runtime)
     whole = (card.inference.tta if tta else card.inference.default).mode == "whole"
     return timed_evaluate(lambda batch, size: seg.predict_prepared(batch, size, tta=tta), dataset,
                           name=card.name, dataset_key=card.dataset, tta=tta, class_names=card.class_names,
