@@ -49,8 +49,11 @@ def require_runtime(runtime: str) -> None:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The ``segtorch.*`` metadata of an exported file, JSON values decoded; a file without it is refused."""
-    require_onnx(exporting=True)
-    import onnx
+    try:  # onnx alone: OpenVINO's users need no onnxruntime
+        import onnx
+    except ImportError:
+        raise MissingExtraError("onnx is not installed: pip install 'segtorch[export]' (or "
+                                "'segtorch[openvino]')") from None
 
     path = Path(path)
     try:
