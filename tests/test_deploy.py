@@ -123,7 +123,7 @@ def test_runtime_not_installed_unknown_or_misapplied_is_one_line(fp32_onnx, monk
     with pytest.raises(segtorch.SegtorchError, match="not .onnx"):
         segtorch.load(DEMO, runtime="openvino")  # the shipped .safetensors: nothing for a runtime to run
     monkeypatch.setitem(sys.modules, "openvino", None)
-    with pytest.raises(segtorch.MissingExtraError) as info:
+    with pytest.raises(segtorch.errors.MissingExtraError) as info:
         segtorch.load(DEMO, checkpoint=fp32_onnx, runtime="openvino")
     assert "segtorch[openvino]" in str(info.value) and "\n" not in str(info.value)
     code, _, stderr = run_cli("predict", Path(__file__).resolve().parents[1] / "model_cards" / "demo" /
