@@ -87,8 +87,8 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     eval mode, on ``device``.
 
     ``checkpoint``: a local ``.pth``/``.safetensors`` file, an ``.onnx`` file from ``segtorch export`` (run by
-    ``runtime``: "onnxruntime", the default, or "openvino"), or a URL; by default the card's weights are fetched (Hugging Face mirror first, then the GitHub
-    release) and cached. ``precision="bf16"/"fp16"`` (autocast
+    ``runtime``: onnxruntime by default, or "openvino"), or a URL; by default the card's weights are fetched
+    (Hugging Face mirror first, then the GitHub release) and cached. ``precision="bf16"/"fp16"`` (autocast
     over float32 weights) and ``compile=True`` are opt-in speed; fp32 reproduces the toolbox's outputs.
     ``fuse_bn`` folds BatchNorm into the convolution before it, and splits the pyramid pooling bottleneck's
     convolution by its inputs (``seg.model``'s state dict then differs from the toolbox's layout);
@@ -104,14 +104,10 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     device = check_device(device)
     check_precision(device, precision)
     path = _resolve_checkpoint(card, checkpoint)
-    if path.suffix.lower() == ".onnx":  # written by `segtorch export`: onnxruntime runs the forward passes
+    if path.suffix.lower() == ".onnx" or runtime is not None:  # written by `segtorch export`: a runtime runs it
         from .inference.onnx_runtime import load_onnx_segmenter
 
         return load_onnx_segmenter(card, path, device, precision, compile, runtime)
-    if runtime is not None:
-        from .errors import UsageError
-
-        raise UsageError(f"runtime={runtime!r} runs files written by `segtorch export`; {path} is not .onnx")
     model, _ = model_with_weights(card, checkpoint, auxiliary=auxiliary, path=path)
     fuse_default, channels_last_default = fast_path_defaults(card.architecture["backbone"]["name"], precision)
     if fuse_bn is None:

@@ -10,8 +10,12 @@ sizes the tracer never saw, and each result is compared with the PyTorch model i
 only when every error is within ``max(ERROR_FACTOR x the float32 PyTorch model's own error, ERROR_FLOOR)``.
 
 The file describes itself (``metadata_props``, keys ``segtorch.*``): model name, segtorch version, class
-names, palette, the card's test preprocessing and inference settings, the source checkpoint's sha256 and the
-errors measured here. ``read_metadata`` gives them back; ``segtorch info FILE.onnx`` prints them.
+names, palette, the card's test preprocessing and inference settings, the source checkpoint's sha256, the
+file's own opset, its precision and the errors measured here. ``read_metadata`` gives them back;
+``segtorch info FILE.onnx`` prints them. Its input's dynamic axes are named batch, height and width.
+
+``quantize="int8"`` quantizes the checked float32 graph (``segtorch.quantize``: static QDQ, calibrated on a
+folder of images) and judges the int8 file against the float32 model before writing it.
 """
 from __future__ import annotations
 

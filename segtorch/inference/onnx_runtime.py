@@ -163,6 +163,8 @@ def load_onnx_segmenter(card, path: str | os.PathLike, device: torch.device, pre
 
     runtime = runtime or "onnxruntime"
     require_runtime(runtime)
+    if Path(path).suffix.lower() != ".onnx":
+        raise UsageError(f"runtime={runtime!r} runs files written by `segtorch export`; {path} is not .onnx")
     if precision != "fp32" or compile:
         raise CheckpointError(f"{path}: an ONNX file runs as exported (float32 or int8), without autocast or "
                               f"torch.compile; drop precision={precision!r}/compile")
