@@ -142,6 +142,13 @@ def test_opsets_the_export_cannot_write_are_refused(opset, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_commands_opset_help_is_the_exports():
+    from segtorch.cli import export as export_cli
+
+    assert export_cli.DEFAULT_OPSET == export_mod.DEFAULT_OPSET
+    assert export_cli.OPSETS == f"{export_mod.MIN_OPSET} to {export_mod.MAX_OPSET}"
+
+
 @pytest.mark.parametrize("name", ["x.pt", "x.pth", "x"])
 def test_an_output_that_is_not_onnx_is_refused(name, tmp_path):
     code, _, stderr = run_cli("export", DEMO, "--out", tmp_path / name)

@@ -27,16 +27,19 @@ def _share(text: str) -> float:
     return value
 
 
-def add_parser(sub) -> None:
-    from ..export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+# segtorch.export's DEFAULT_OPSET, MIN_OPSET and MAX_OPSET, written out: importing it (torch) while the parser is
+# built would come before the process tuning that must precede torch (tests/test_deploy.py checks they agree)
+DEFAULT_OPSET, OPSETS = 18, "18 to 25"
 
+
+def add_parser(sub) -> None:
     s = sub.add_parser("export", help="export a model to ONNX (dynamic batch and size, checked against PyTorch)",
                        description=__doc__.splitlines()[0])
     s.add_argument("name", help="the model")
     s.add_argument("--checkpoint", help="a local .pth/.safetensors or a URL (default: the card's weights)")
     s.add_argument("--out", required=True, help="the .onnx file to write")
     s.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET,
-                   help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
+                   help=f"ONNX opset, {OPSETS} (default {DEFAULT_OPSET})")
     s.add_argument("--quantize", choices=("int8",),
                    help="static int8 (QDQ, per-channel weights, activations calibrated on --calibration)")
     s.add_argument("--calibration", metavar="DIR", help="with --quantize: a folder of images like those the "
