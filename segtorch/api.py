@@ -85,15 +85,16 @@ def model_with_weights(card: ModelCard, checkpoint: str | os.PathLike | None = N
 def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
          precision: str = "fp32", compile: bool = False, exact: bool = False, fuse_bn: bool | None = None,
          channels_last: bool | None = None, auxiliary: bool = False, num_classes: int | None = None,
-         class_names=None) -> "Segmenter":
+         class_names=None, runtime: str | None = None) -> "Segmenter":
     """A ready ``Segmenter`` for checkpoint ``name``: weights loaded (in float32, whatever the file stores),
     eval mode, on ``device``. ``seg.model`` is the network as ``create_model(name)`` builds it, with these
     weights (built on first use from the memory-mapped file); ``predict``/``logits`` run the Segmenter's own
     inference rewrite of it.
 
     ``checkpoint``: a local ``.pth``/``.safetensors`` file, an ``.onnx`` file from ``segtorch export`` (run by
-    onnxruntime), or a URL; by default the card's weights are fetched (a Hugging Face mirror where the card pins
-    its sha256 or the user configured one, else the GitHub release) and cached.
+    onnxruntime by default, ``runtime="openvino"``), or a URL; by default the card's weights are fetched (a
+    Hugging Face mirror where the card pins its sha256 or the user configured one, else the GitHub release) and
+    cached.
 
     What the outputs are (``Segmenter`` gives the measured figures):
     - default, fp32: the fast path (BatchNorm folded, pyramid pooling bottleneck split, NHWC, batched crops and
@@ -116,13 +117,13 @@ def load(name: str, checkpoint: str | os.PathLike | None = None, *, device: str 
     device = check_device(device)
     check_precision(device, precision)
     path = _resolve_checkpoint(card, checkpoint)
-    if path.suffix.lower() == ".onnx":  # written by `segtorch export`: onnxruntime runs the forward passes
+    if path.suffix.lower() == ".onnx" or runtime is not None:  # written by `segtorch export`: a runtime runs it
         from .inference.onnx_runtime import load_onnx_segmenter
 
         if exact:
             raise UsageError(f"{path}: exact=True runs the toolbox's computation in torch; load the "
                              ".safetensors/.pth weights instead of an ONNX export")
-        return load_onnx_segmenter(card, path, device, precision, compile)
+        return load_onnx_segmenter(card, path, device, precision, compile, runtime)
     card = card_for_checkpoint(card, path, num_classes, class_names)
     model, _ = model_with_weights(card, checkpoint, auxiliary=auxiliary, path=path)
     if auxiliary:

@@ -223,16 +223,16 @@ def test_reproduce_cli_end_to_end(tmp_path, monkeypatch, capsys):
     make_ade20k(tmp_path)
     calls, loads = [], []
 
-    def fake_load(name, checkpoint=None, device="cpu", precision="fp32"):
-        loads.append((name, checkpoint, device))
+    def fake_load(name, checkpoint=None, device="cpu", precision="fp32", runtime=None):
+        loads.append((name, checkpoint, device, runtime))
         return FakeSegmenter(calls, segtorch.model_card(name))
 
     monkeypatch.setattr(segtorch, "load", fake_load)
     out_json = tmp_path / "res.json"
     rc = reproduce_main(["isnet_resnet101os8_ade20k", "--data-root", str(tmp_path / "ADEChallengeData2016"),
                          "--checkpoint", "w.pth", "--limit", "2", "--device", "cpu", "--json", str(out_json),
-                         "--tta", "--workers", "0", "--no-progress"])
-    assert rc == 0 and loads == [("isnet_resnet101os8_ade20k", "w.pth", "cpu")]
+                         "--tta", "--workers", "0", "--no-progress", "--runtime", "openvino"])
+    assert rc == 0 and loads == [("isnet_resnet101os8_ade20k", "w.pth", "cpu", "openvino")]
     assert calls == [(True, 2)]  # whole mode: the two equal-sized images in one batch
     out = capsys.readouterr().out
     assert "2 images in " in out and "images/s)" in out

@@ -27,10 +27,10 @@ from segtorch import export as export_mod  # noqa: E402
 from segtorch.cli import main  # noqa: E402
 from segtorch.inference.onnx_runtime import CPU, CUDA, OnnxModel, providers_for  # noqa: E402
 from segtorch.models.heads.psp import AdaptiveAvgPool, size_dependent_avg_pool  # noqa: E402
+from runtimes import HAVE_OPENVINO, ORT_LEVELS, runtime_errors  # noqa: E402
 
 DEMO = "demo_pspnet_shapes"
 DEMO_IMAGE = Path(__file__).resolve().parents[1] / "model_cards" / "demo" / "example.png"
-THIRD_SHAPE = (1, 3, 75, 111)  # neither traced nor checked by the export
 
 
 def run_cli(*args) -> tuple[int, str, str]:
@@ -135,17 +135,30 @@ def seeded_model(name: str, backbone_overrides: dict) -> torch.nn.Module:
 
 @pytest.mark.parametrize("name, backbone_overrides", FAMILIES)
 def test_export_is_exact_at_sizes_never_traced(name, backbone_overrides, tmp_path):
+    """In onnxruntime at every graph-optimisation level and in OpenVINO, not only in the export's own check."""
     model = seeded_model(name, backbone_overrides)
     out = tmp_path / "m.onnx"
     report = export_mod.export_model(model, segtorch.model_card(name), out)
-    checks = report.checks + export_mod.check_sizes(model, export_mod.onnx_session(out), [THIRD_SHAPE])
-    shapes = {c.shape for c in checks}
-    assert len(shapes) == 3 and export_mod.TRACE_SHAPE not in shapes
-    for c in checks:
-        assert c.onnx_error <= max(4 * c.torch_error, 2e-5), c
+    rows = runtime_errors(model, out)
+    assert {r[0] for r in rows} == set(ORT_LEVELS) | ({"openvino"} if HAVE_OPENVINO else set())
+    assert export_mod.TRACE_SHAPE not in {r[1] for r in rows}
+    for runtime, shape, error, torch_error in rows:
+        assert error <= max(4 * torch_error, 2e-5), (runtime, shape, error, torch_error)
     meta = export_mod.read_metadata(out)
     assert meta["model"] == name and [c["onnx_error"] for c in meta["error"]] == [c.onnx_error for c in
                                                                                    report.checks]
+
+
+@pytest.mark.slow
+def test_full_size_swin_large_exports(tmp_path):
+    """Swin-L at its full depth (2, 2, 18, 2) under IDRNet's PPM coarse context: torch.export once failed on it
+    ("inconsistencies" between the pooled sizes' expressions); minutes on a CPU."""
+    name = "idrnet_upernet_swinlarge_lip"
+    model = seeded_model(name, {})
+    out = tmp_path / "m.onnx"
+    report = export_mod.export_model(model, segtorch.model_card(name), out)
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    assert all(c.ok for c in report.checks) and out.stat().st_size > 0.9 * weights  # every block is in it
 
 
 # ---- the command, the metadata, load and predict (the demo model's shipped weights) --------------------

@@ -14,12 +14,13 @@ from .guard import run_guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, models, predict, train
+    from . import evaluate, export, models, predict, train
 
     p = argparse.ArgumentParser(prog="segtorch", description="SSSegmentation checkpoints, ready to use.")
     p.add_argument("--version", action="version", version=f"segtorch {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     models.add_parsers(sub)
+    export.add_parser(sub)
     predict.add_parser(sub)
     evaluate.add_parser(sub)
     train.add_parser(sub)

@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="the dataset's top folder (or a folder holding datasets); optional for the "
                                        "demo model, whose evaluation set is generated")
     p.add_argument("--checkpoint", help="weights to evaluate instead of the card's (one model only)")
+    p.add_argument("--runtime", choices=("onnxruntime", "openvino"),
+                   help="what runs an exported .onnx --checkpoint (default onnxruntime)")
     p.add_argument("--tta", action="store_true", help="the card's multi-scale + flip settings")
     p.add_argument("--limit", type=positive_int, help="evaluate the first N images only")
     p.add_argument("--split", help="dataset split (default: the split the card reports on)")
@@ -138,7 +140,7 @@ def _run(args: argparse.Namespace, names: list[str], shard, out, err) -> int:
         result = evaluate_model(card.name, args.data_root, checkpoint=args.checkpoint, tta=args.tta,
                                 limit=args.limit, split=args.split, device=shard.device, precision=args.precision,
                                 exact=args.exact, workers=args.workers, batch_size=args.batch_size,
-                                progress=progress, distributed=shard.world_size > 1)
+                                progress=progress, distributed=shard.world_size > 1, runtime=args.runtime)
         print(result.table(), file=out, flush=True)
         print(f"{result.num_images} images in {result.seconds:.2f}s "
               f"({result.num_images / max(result.seconds, 1e-9):.2f} images/s)", file=out, flush=True)

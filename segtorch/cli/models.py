@@ -1,10 +1,8 @@
-"""``segtorch list | info | convert | download | export``: the model zoo, its cards and weight files."""
+"""``segtorch list | info | convert | download``: the model zoo, its cards and weight files."""
 from __future__ import annotations
 
 import json
 import sys
-
-from ..argtypes import positive_int
 
 
 def _fmt(value) -> str:
@@ -71,6 +69,8 @@ def cmd_info(args) -> int:
 
     if args.name.lower().endswith(".onnx"):
         return _info_onnx(args)
+    if args.name.lower().endswith(".safetensors"):
+        return _info_safetensors(args)
     card = model_card(args.name)
     if args.json:
         print(json.dumps(card.to_dict(), indent=2))
@@ -106,6 +106,7 @@ def cmd_info(args) -> int:
 
 def _info_onnx(args) -> int:
     """The metadata ``segtorch export`` wrote into an ONNX file."""
+    from ..export import file_opset
     from ..inference.onnx_runtime import read_metadata
 
     meta = read_metadata(args.name)
@@ -114,9 +115,11 @@ def _info_onnx(args) -> int:
         return 0
     names = meta.get("class_names", [])
     print(f"file:          {args.name}")
-    print(f"model:         {meta['model']} (exported by segtorch {meta.get('version')}, opset {meta.get('opset')})")
+    print(f"model:         {meta['model']} (exported by segtorch {meta.get('version')}, opset "
+          f"{file_opset(args.name)}, {meta.get('precision', 'fp32')})")
     print(f"source sha256: {meta.get('source_sha256')}")
-    print(f"classes:       {meta.get('num_classes')}: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
+    # JSON: names hold commas and spaces ("windowpane, window")
+    print(f"classes:       {meta.get('num_classes')}: {json.dumps(names)}")
     print(f"palette:       {len(meta.get('palette', []))} colours, first {meta.get('palette', [None])[0]}")
     print(f"input:         {meta.get('input')}")
     print(f"output:        {meta.get('output')}")
@@ -125,14 +128,51 @@ def _info_onnx(args) -> int:
     for check in meta.get("error", []):
         print(f"error:         {check['shape']}: onnxruntime {check['onnx_error']:.2e} vs float64 (float32 PyTorch "
               f"{check['torch_error']:.2e}, bound {check['bound']:.2e})")
+    if "calibration" in meta:
+        c, q = meta["calibration"], meta["int8_error"]
+        print(f"calibration:   {c['images']} images of {c['folder']} ({c['inputs']} inputs)")
+        print(f"int8 error:    labels agree with float32 on {q['agreement']:.2%} of the pixels, scores' relative "
+              f"error {q['relative_error']:.2e}")
     return 0
 
 
-def cmd_export(args) -> int:
-    from ..export import export
+def _info_safetensors(args) -> int:
+    """A safetensors file's metadata and what it holds (from its header: no tensor is read)."""
+    from collections import Counter
+    from math import prod
 
-    report = export(args.name, args.out, checkpoint=args.checkpoint, opset=args.opset)
-    print(report.summary())
+    from safetensors import SafetensorError, safe_open
+
+    from ..checkpoint import check_format
+    from ..errors import CheckpointError
+
+    check_format(args.name)
+    try:
+        with safe_open(args.name, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            shapes = {k: f.get_slice(k) for k in f.keys()}
+            tensors = {k: (s.get_dtype(), s.get_shape()) for k, s in shapes.items()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{args.name}: damaged safetensors file ({e})") from None
+    decoded = {}
+    for key, value in meta.items():
+        try:
+            decoded[key] = json.loads(value)
+        except json.JSONDecodeError:
+            decoded[key] = value
+    dtypes = Counter(dtype for dtype, _ in tensors.values())
+    if args.json:
+        print(json.dumps({"metadata": decoded, "tensors": len(tensors),
+                          "parameters": sum(prod(shape) for _, shape in tensors.values()),
+                          "dtypes": dict(dtypes)}, indent=2))
+        return 0
+    print(f"file:          {args.name}")
+    print(f"tensors:       {len(tensors)}, {sum(prod(shape) for _, shape in tensors.values()):,} values "
+          f"({', '.join(f'{n} {d}' for d, n in dtypes.most_common())})")
+    if not decoded:
+        print("metadata:      none")
+    for key, value in decoded.items():
+        print(f"{key + ':':<15}{value if isinstance(value, str) else json.dumps(value)}")
     return 0
 
 
@@ -155,7 +195,7 @@ def cmd_download(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    """Register list, info, convert, export and download on ``sub`` (argparse subparsers)."""
+    """Register list, info, convert and download on ``sub`` (argparse subparsers)."""
     s = sub.add_parser("list", help="list models (with reported mIoU)")
     s.add_argument("pattern", nargs="?", help="fnmatch pattern, e.g. 'isnet_*'")
     s.add_argument("--dataset", help="ade20k, cityscapes, voc, cocostuff10k, lip, pascalcontext59")
@@ -165,8 +205,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")
     s.set_defaults(func=cmd_list)
 
-    s = sub.add_parser("info", help="show a model card (or an exported .onnx file's metadata)")
-    s.add_argument("name", help="a model name, or FILE.onnx written by `segtorch export`")
+    s = sub.add_parser("info", help="show a model card (or a .onnx or .safetensors file's metadata)")
+    s.add_argument("name", help="a model name, FILE.onnx written by `segtorch export`, or FILE.safetensors")
     s.add_argument("--json", action="store_true", help="the whole card as JSON")
     s.set_defaults(func=cmd_info)
 
@@ -176,13 +216,6 @@ def add_parsers(sub) -> None:
     s.add_argument("--name", required=True, help="the model the checkpoint belongs to")
     s.add_argument("--keep-auxiliary", action="store_true", help="keep the auxiliary head (for fine-tuning)")
     s.set_defaults(func=cmd_convert)
-
-    s = sub.add_parser("export", help="export a model to ONNX (dynamic batch and size, checked against PyTorch)")
-    s.add_argument("name", help="the model")
-    s.add_argument("--checkpoint", help="a local .pth/.safetensors or a URL (default: the card's weights)")
-    s.add_argument("--out", required=True, help="the .onnx file to write")
-    s.add_argument("--opset", type=positive_int, default=18, help="ONNX opset (default 18)")
-    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("download", help="fetch and cache model weights")
     s.add_argument("names", nargs="+")

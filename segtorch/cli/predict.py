@@ -46,6 +46,8 @@ def add_parser(subparsers):
     s.add_argument("--compile", action="store_true", help="torch.compile the model (pays off over many images)")
     s.add_argument("--exact", action="store_true",
                    help="the toolbox's own computation step for step (its label maps; slower): no fast path")
+    s.add_argument("--runtime", choices=("onnxruntime", "openvino"),
+                   help="what runs an exported .onnx --checkpoint (default onnxruntime)")
     s.add_argument("--check-agreement", action="store_true",
                    help="also run fp32 and print the label agreement of the chosen precision/compile")
     s.add_argument("--out", default="segtorch_out", help="output folder (default ./segtorch_out)")
@@ -235,6 +237,9 @@ def _check_options(args) -> Path:
         check_device(args.device, what="--device")
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError("--batch-size must be at least 1 and --workers at least 0")
+    if args.check_agreement and args.precision == "fp32" and not args.compile:
+        raise UsageError("--check-agreement has nothing to compare at fp32 without --compile: it compares "
+                         "--precision bf16/fp16 or --compile with fp32")
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is an existing file, not a folder; name a folder (it is created)")
@@ -274,7 +279,8 @@ def _predict(args, shard, outputs, out, created, all_files, errors, notes) -> in
     files = shard.take(all_files)
     t0 = time.perf_counter()
     seg = load(args.model or _default_model(), checkpoint=args.checkpoint, device=shard.device or "cpu",
-               precision=args.precision, compile=args.compile, exact=args.exact)
+               precision=args.precision, compile=args.compile, exact=args.exact,
+               runtime=args.runtime)
     reference = None
     if args.check_agreement and (args.precision != "fp32" or args.compile):
         reference = Segmenter(seg.model, seg.card, device=seg.device)  # same weights, fp32, not compiled

@@ -19,7 +19,8 @@ def reported_for(card, tta: bool) -> float | None:
 def evaluate_model(name: str, data_root: str, *, checkpoint=None, tta: bool = False, limit: int | None = None,
                    split: str | None = None, device: str | None = None, precision: str = "fp32",
                    exact: bool = False, workers: int = 2,
-                   batch_size: int = 4, progress: bool | None = None, distributed: bool = False):
+                   batch_size: int = 4, progress: bool | None = None, distributed: bool = False,
+                   runtime: str | None = None):
     """Evaluate one model (its card's test pipeline, or with ``tta`` its ms+flip settings); an EvalResult.
     ``exact``: ``segtorch.load``'s exact mode (the toolbox's computation step for step).
 
@@ -38,7 +39,8 @@ def evaluate_model(name: str, data_root: str, *, checkpoint=None, tta: bool = Fa
     split = split or card.training.get("eval_split") or card.reported_split or "val"
     dataset = dataset_class(card.dataset)(data_root, split, class_names=card.class_names)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    seg = segtorch.load(card.name, checkpoint=checkpoint, device=device, precision=precision, exact=exact)
+    seg = segtorch.load(card.name, checkpoint=checkpoint, device=device, precision=precision, exact=exact,
+                        runtime=runtime)
     if seg.card.class_names != card.class_names:  # a checkpoint trained for other classes
         card = seg.card
         dataset = dataset_class(card.dataset)(data_root, split, class_names=card.class_names)

@@ -1,7 +1,8 @@
-"""onnxruntime as the forward pass of segtorch's own test procedure.
+"""onnxruntime or OpenVINO as the forward pass of segtorch's own test procedure.
 
-``OnnxModel`` is called like ``model(x)``, so ``infer_logits``/``predict_labels`` (resize, whole or slide,
-scales, flips, resize back, argmax) run unchanged with onnxruntime computing the scores.
+``OnnxModel`` (onnxruntime) and ``OpenVinoModel`` are called like ``model(x)``, so ``infer_logits``/
+``predict_labels`` (resize, whole or slide, scales, flips, resize back, argmax) run unchanged with the runtime
+computing the scores, from the float32 export or its int8 version alike.
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ExportError, MissingExtraError
+from ..errors import CheckpointError, ExportError, MissingExtraError, UsageError
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # the file format `segtorch export` writes: one input, one output, and segtorch.* metadata
 INPUT_NAME, OUTPUT_NAME = "images", "scores"
 META_PREFIX = "segtorch."
+RUNTIMES = ("onnxruntime", "openvino")
 
 
 def require_onnx(*, exporting: bool = False) -> None:
@@ -31,10 +33,27 @@ def require_onnx(*, exporting: bool = False) -> None:
                                     f"(onnx, onnxruntime, onnxscript)") from None
 
 
+def require_runtime(runtime: str) -> None:
+    """A known runtime that is installed, or one line saying how to get it."""
+    if runtime not in RUNTIMES:
+        raise UsageError(f"runtime {runtime!r}: choose {' or '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise MissingExtraError("openvino is not installed: pip install 'segtorch[openvino]' (or "
+                                    "pip install openvino), or run the file with runtime='onnxruntime'") from None
+    else:
+        require_onnx()
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """The ``segtorch.*`` metadata of an exported file, JSON values decoded; a file without it is refused."""
-    require_onnx(exporting=True)
-    import onnx
+    try:  # onnx alone: OpenVINO's users need no onnxruntime
+        import onnx
+    except ImportError:
+        raise MissingExtraError("onnx is not installed: pip install 'segtorch[export]' (or "
+                                "'segtorch[openvino]')") from None
 
     path = Path(path)
     try:
@@ -53,14 +72,19 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def onnx_session(path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None):
-    """An onnxruntime session on ``device``'s execution provider; ``threads``: intra-op threads (default: all)."""
+def onnx_session(path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None,
+                 optimization: str | None = None):
+    """An onnxruntime session on ``device``'s execution provider; ``threads``: intra-op threads (default: all);
+    ``optimization``: a ``GraphOptimizationLevel`` name (``ORT_DISABLE_ALL`` ... ``ORT_ENABLE_ALL``, the
+    default)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # no warnings about the initialisers the graph optimiser folds
     if threads:
         options.intra_op_num_threads = threads
+    if optimization:
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
     return ort.InferenceSession(str(path), options, providers=providers_for(device))
 
 
@@ -103,17 +127,50 @@ class OnnxModel(torch.nn.Module):
         return f"{self.path!r}, providers={self.providers}"
 
 
-def load_onnx_segmenter(card, path: str | os.PathLike, device: torch.device, precision: str, compile: bool):
-    """A ``Segmenter`` for ``card`` whose forward passes run in onnxruntime; the file must be an export of
-    this very model."""
-    from ..errors import CheckpointError
+class OpenVinoModel(torch.nn.Module):
+    """An exported segtorch model run by OpenVINO on the CPU, called like ``OnnxModel``. Floating-point layers
+    run in float32: OpenVINO's CPU default on CPUs with bf16 instructions is bf16 (1e-2 off the export)."""
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None):
+        super().__init__()
+        require_runtime("openvino")
+        import openvino as ov
+
+        if torch.device(device).type != "cpu":
+            raise UsageError(f"runtime 'openvino' runs on the CPU here, not {device}; use device='cpu', or "
+                             f"runtime='onnxruntime' (onnxruntime-gpu) for a GPU")
+        self.path = str(path)
+        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(self.path, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        scores = self.request.infer({0: array})[self.compiled.output(0)]
+        return torch.from_numpy(scores.copy()).to(x.device)  # the request reuses its output buffer
+
+    def extra_repr(self) -> str:
+        return f"{self.path!r}, OpenVINO CPU"
+
+
+def load_onnx_segmenter(card, path: str | os.PathLike, device: torch.device, precision: str, compile: bool,
+                        runtime: str | None = None):
+    """A ``Segmenter`` for ``card`` whose forward passes run in ``runtime`` (default onnxruntime); the file
+    must be an export of this very model."""
     from ..segmenter import Segmenter
 
+    runtime = runtime or "onnxruntime"
+    require_runtime(runtime)
+    if Path(path).suffix.lower() != ".onnx":
+        raise UsageError(f"runtime={runtime!r} runs files written by `segtorch export`; {path} is not .onnx")
     if precision != "fp32" or compile:
-        raise CheckpointError(f"{path}: an ONNX file runs in float32 without torch.compile; "
-                              f"drop precision={precision!r}/compile")
+        raise CheckpointError(f"{path}: an ONNX file runs as exported (float32 or int8), without autocast or "
+                              f"torch.compile; drop precision={precision!r}/compile")
     meta = read_metadata(path)
     if meta["model"] != card.name:
         raise CheckpointError(f"{path}: exported from {meta['model']}, not {card.name}; "
                               f"load it as segtorch.load({meta['model']!r}, checkpoint=...)")
-    return Segmenter(OnnxModel(path, device), card, device=device)
+    model = OpenVinoModel(path, device) if runtime == "openvino" else OnnxModel(path, device)
+    return Segmenter(model, card, device=device)

@@ -124,8 +124,10 @@ def tap_interpolation(out_size: int | torch.SymInt, in_size: int, kernel: int, p
     f64 = torch.float64
     rows = torch.arange(out_size)
     dst = rows.to(f64)
-    end = rows[-1:]  # out_size - 1, as a tensor
-    last = dst[-1:]
+    # out_size - 1, as a tensor of one element: a maximum, not rows[-1:], whose length torch.export derives
+    # as out_size - max(0, out_size - 1) and cannot reconcile with Swin's padded sizes
+    end = rows.amax(0, keepdim=True)
+    last = end.to(f64)
     # tensor / tensor: a Python number divided by a tensor is computed as a reciprocal times it (1 ulp off)
     if align_corners:
         src = dst * (torch.full_like(last, in_size - 1.0) / last.clamp_min(1.0))
