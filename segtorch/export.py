@@ -2,7 +2,7 @@
 
 The file takes N x 3 x H x W float32 normalised images (N, H and W dynamic) and returns the main head's scores,
 what ``model(x)`` returns. Pyramid pooling bottlenecks are exported split by their inputs, as segtorch's own
-fast path runs them (``models/heads/psp.SplitBottleneckConv``: the pooled branches' share of the 3x3
+fast path runs them (``models/decoders/pyramid_pooling.SplitBottleneckConv``: the pooled branches' share of the 3x3
 convolution at their own scale; the interpolation matrices built in the graph from each input's size). It is
 traced once (``torch.onnx.export(dynamo=True)``; the TorchScript exporter
 cannot express the size-dependent pooling) at ``TRACE_SHAPE``; then onnxruntime runs it at ``CHECK_SHAPES``,
@@ -37,7 +37,7 @@ from .errors import ExportError
 from .files import atomic_path, sha256_file
 from .inference.onnx_runtime import (INPUT_NAME, META_PREFIX, OUTPUT_NAME, onnx_session,  # noqa: F401 - re-exported
                                      read_metadata, require_onnx)
-from .models.heads.psp import pyramid_bottlenecks_split
+from .models.decoders.pyramid_pooling import pyramid_bottlenecks_split
 from .registry import ModelCard, model_card
 from .testing import relative_error
 
@@ -99,7 +99,7 @@ def quiet_export():
     """The exporter's chatter that concerns no user: its progress lines, its note that torchvision's operators
     (nms, roi_align; none of them used here) are skipped where torchvision is not installed, and Dynamo's
     warning about ``functools.lru_cache``, whose wrapped function an export traces on purpose
-    (``models/heads/psp``: the cache serves eager forward passes only)."""
+    (``models/decoders/pyramid_pooling``: the cache serves eager forward passes only)."""
     import logging
     import warnings
 

@@ -156,7 +156,7 @@ def test_an_output_that_is_not_onnx_is_refused(name, tmp_path):
 
 
 def test_an_export_failing_inside_torch_keeps_its_cause(tmp_path, monkeypatch):
-    from segtorch.models.heads.psp import AdaptiveAvgPool
+    from segtorch.models.decoders.pyramid_pooling import AdaptiveAvgPool
 
     def broken(self, x):
         raise ValueError("pooling broke here")

@@ -26,7 +26,7 @@ pytest.importorskip("onnxscript")
 from segtorch import export as export_mod  # noqa: E402
 from segtorch.cli import main  # noqa: E402
 from segtorch.inference.onnx_runtime import CPU, CUDA, OnnxModel, providers_for  # noqa: E402
-from segtorch.models.heads.psp import AdaptiveAvgPool, size_dependent_avg_pool  # noqa: E402
+from segtorch.models.decoders.pyramid_pooling import AdaptiveAvgPool, size_dependent_avg_pool  # noqa: E402
 from runtimes import HAVE_OPENVINO, ORT_LEVELS, runtime_errors  # noqa: E402
 
 DEMO = "demo_pspnet_shapes"
@@ -195,7 +195,7 @@ def test_the_pyramid_bottleneck_is_exported_split_and_the_model_left_as_it_was(d
     exported keeps its ordinary convolution (the export checks the graph against that)."""
     import onnx
 
-    from segtorch.models.heads.psp import pyramid_bottlenecks_split
+    from segtorch.models.decoders.pyramid_pooling import pyramid_bottlenecks_split
 
     conv = segtorch.create_model(DEMO).ppm_net.bottleneck[0]
     out, total = conv.out_channels, conv.in_channels

@@ -566,7 +566,7 @@ def test_split_pyramid_bottleneck_is_the_same_function(align_corners):
     """The split bottleneck (the pooled branches' share computed at their own scale, upsampled and shifted by
     matrices) computes the concatenated 3x3 convolution: equal in float64 at sizes the pooled maps are
     smaller and larger than, in both layouts. (Exported graphs: tests/test_export.py.)"""
-    from segtorch.models.heads import psp
+    from segtorch.models.decoders import pyramid_pooling as psp
 
     torch.manual_seed(0)
     ppm = psp.PyramidPoolingModule(16, 8, (1, 2, 3, 6), align_corners=align_corners).eval()
@@ -601,7 +601,7 @@ def test_split_pyramid_bottleneck_is_the_same_function(align_corners):
 def test_load_splits_the_pyramid_bottleneck_only_on_the_fast_path(tmp_path):
     from safetensors.torch import save_file
 
-    from segtorch.models.heads.psp import SplitBottleneckConv
+    from segtorch.models.decoders.pyramid_pooling import SplitBottleneckConv
 
     name = "upernet_resnet50os8_ade20k"
     path = tmp_path / "w.safetensors"

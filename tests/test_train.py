@@ -58,8 +58,8 @@ def tiny_pspnet(num_classes=3, seed=0):
     """segtorch's own PSPNet on a narrow ResNet-50 (4 base channels), with an auxiliary head."""
     import torch
     from segtorch.models.backbones.resnet import ResNet
-    from segtorch.models.heads.psp import PSPNet
-    from segtorch.models.segmentor import auxiliary_decoder
+    from segtorch.models.segmentors.pspnet import PSPNet
+    from segtorch.models.segmentors.base import auxiliary_decoder
     torch.manual_seed(seed)
     backbone = ResNet(depth=50, output_stride=8, base_channels=4, stem_channels=8)
     model = PSPNet(backbone, num_classes, in_channels=128, feats_channels=16, pool_scales=(1, 2),

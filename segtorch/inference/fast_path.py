@@ -7,7 +7,7 @@ own float32 error, or 1e-5 (a few float32 roundings) where the toolbox's is smal
 hold every checkpoint to that:
 - ``fuse_bn``: BatchNorm folded into the convolution before it (one op and one pass over memory fewer);
   measured at 1.25-2.05x the toolbox's error (1e-7 to 3e-7 on the parity inputs), on for every backbone.
-  With it, the pyramid pooling module's bottleneck is split (``models.heads.psp.SplitBottleneckConv``: the
+  With it, the pyramid pooling module's bottleneck is split (``models.decoders.pyramid_pooling.SplitBottleneckConv``: the
   pooled branches' share of its 3x3 convolution computed at their own scale): 21-23% less time per crop on
   PSPNet R-50-D8, AVX-512 and AVX2 kernels alike, no further from float64;
 - ``channels_last``: convolutions in NHWC layout (oneDNN's faster kernels on the CPU, cuDNN's on GPUs; ~18%
@@ -93,7 +93,7 @@ def fast_module(model: nn.Module, *, fuse_bn: bool, channels_last: bool, dtype: 
     fast = model if in_place else private_copy(model).eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if fuse_bn:
-        from ..models.heads.psp import split_pyramid_bottlenecks
+        from ..models.decoders.pyramid_pooling import split_pyramid_bottlenecks
         from .fuse import fold_batchnorm
 
         # folded straight into the layout the model runs in: one pass over the weights, not two

@@ -1,8 +1,9 @@
 """Build the nn.Module a card's ``architecture`` describes: plain constructors called with the card's
-arguments (the card generator translated the toolbox's vocabulary once). The two functions below are the only
-place a name becomes a class."""
+arguments (the card generator translated the toolbox's vocabulary once). ``CLASSES`` is the only place a name
+becomes a class."""
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Mapping
 
@@ -10,46 +11,43 @@ import torch.nn as nn
 
 from ..errors import CardError
 from .layers import ActLayer, activation_by_name, norm_by_name
-from .segmentor import SegmentationModel, auxiliary_decoder
+from .segmentors.base import SegmentationModel, auxiliary_decoder
 
-# the names a card's architecture may use (the two functions below turn them into classes)
-MODELS = ("pspnet", "upernet", "isnet", "mcibi", "idrnet")
-BACKBONES = ("resnet", "resnest", "hrnet", "vit", "swin")
+# (part of the card's architecture, name there) -> (module under segtorch.models, class). Only the module of the
+# class asked for is imported: a load pays for the one architecture it builds.
+CLASSES = {
+    ("model", "pspnet"): ("segmentors.pspnet", "PSPNet"),
+    ("model", "upernet"): ("segmentors.upernet", "UPerNet"),
+    ("model", "isnet"): ("segmentors.isnet", "ISNet"),
+    ("model", "mcibi"): ("segmentors.mcibi", "MCIBI"),
+    ("model", "idrnet"): ("segmentors.idrnet", "IDRNet"),
+    ("backbone", "resnet"): ("backbones.resnet", "ResNet"),
+    ("backbone", "resnest"): ("backbones.resnest", "ResNeSt"),
+    ("backbone", "hrnet"): ("backbones.hrnet", "HRNet"),
+    ("backbone", "vit"): ("backbones.vit", "VisionTransformer"),
+    ("backbone", "swin"): ("backbones.swin", "SwinTransformer"),
+}
+MODELS = tuple(name for part, name in CLASSES if part == "model")
+BACKBONES = tuple(name for part, name in CLASSES if part == "backbone")
+
+
+def architecture_class(part: str, name: str) -> type:
+    """The class a card's ``architecture.model`` (``part="model"``) or ``architecture.backbone.name``
+    (``part="backbone"``) names."""
+    try:
+        module, cls = CLASSES[part, name]
+    except KeyError:
+        known = ", ".join(n for p, n in CLASSES if p == part)
+        raise CardError(f"unknown {part} {name!r} in the card's architecture; known: {known}") from None
+    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
 
 
 def model_class(name: str) -> type[SegmentationModel]:
-    """A card's ``architecture.model`` -> its class; only that class's module is imported (a load pays for
-    the one architecture it builds)."""
-    if name == "pspnet":
-        from .heads.psp import PSPNet as cls
-    elif name == "upernet":
-        from .heads.upernet import UPerNet as cls
-    elif name == "isnet":
-        from .heads.isnet import ISNet as cls
-    elif name == "mcibi":
-        from .heads.mcibi import MCIBI as cls
-    elif name == "idrnet":
-        from .heads.idrnet import IDRNet as cls
-    else:
-        raise CardError(f"unknown model {name!r} in the card's architecture; known: {', '.join(MODELS)}")
-    return cls
+    return architecture_class("model", name)
 
 
 def backbone_class(name: str) -> type[nn.Module]:
-    """A card's ``architecture.backbone.name`` -> its class; only that class's module is imported."""
-    if name == "resnet":
-        from .backbones.resnet import ResNet as cls
-    elif name == "resnest":
-        from .backbones.resnest import ResNeSt as cls
-    elif name == "hrnet":
-        from .backbones.hrnet import HRNet as cls
-    elif name == "vit":
-        from .backbones.vit import VisionTransformer as cls
-    elif name == "swin":
-        from .backbones.swin import SwinTransformer as cls
-    else:
-        raise CardError(f"unknown backbone {name!r} in the card's architecture; known: {', '.join(BACKBONES)}")
-    return cls
+    return architecture_class("backbone", name)
 
 
 def _construct(cls: type, where: str, *args, **kwargs):

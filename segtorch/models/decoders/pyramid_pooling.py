@@ -1,4 +1,5 @@
-"""PSPNet: the Pyramid Pooling Module on the last backbone stage, then a 1x1 classifier."""
+"""The Pyramid Pooling Module (PSPNet, UPerNet, the "ppm" context heads), its size-dependent pooling (exportable),
+and the split bottleneck that the inference fast path and the ONNX export run."""
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ActLayer, ConvNormAct, NormLayer, classifier, exporting_to_onnx
-from ..segmentor import SegmentationModel
+from ..layers import ActLayer, ConvNormAct, NormLayer, exporting_to_onnx
 
 
 def adaptive_pool_matrix(size: int | torch.Tensor, bins: int, device: torch.device, dtype: torch.dtype
@@ -213,18 +213,3 @@ class SplitBottleneckConv(nn.Module):
             nhwc = torch.matmul(rows_all, share.permute(0, 2, 3, 1).reshape(n, k, w * out))
             return y.add_(nhwc.view(n, h, w, out).permute(0, 3, 1, 2))
         return y.add_(torch.matmul(rows_all, share))
-
-
-class PSPNet(SegmentationModel):
-    def __init__(self, backbone: nn.Module, num_classes: int, in_channels: int = 2048, feats_channels: int = 512,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1,
-                 selected_indices: Sequence[int] | None = None, align_corners: bool = False,
-                 norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
-        super().__init__(backbone, num_classes, selected_indices, align_corners)
-        self.check_channels("in_channels", in_channels, -1)
-        self.ppm_net = PyramidPoolingModule(in_channels, feats_channels, pool_scales, align_corners,
-                                            norm_layer, act_layer)
-        self.decoder = classifier(feats_channels, num_classes, dropout)
-
-    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        return self.decoder(self.ppm_net(feats[-1]))

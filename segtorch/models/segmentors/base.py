@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import CardError
-from .layers import ActLayer, NormLayer
+from ...errors import CardError
+from ..layers import ActLayer, NormLayer
 
 
 class SegmentationModel(nn.Module):

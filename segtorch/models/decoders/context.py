@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ..layers import ActLayer, NormLayer
 from .aspp import ASPP
-from .psp import PyramidPoolingModule
+from .pyramid_pooling import PyramidPoolingModule
 
 CONTEXT_MODULES = ("aspp", "ppm")
 

@@ -18,10 +18,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..decoders.context import context_module
+from ..decoders.selfattention import context_attention
 from ..layers import ActLayer, ConvNormAct, NormLayer, norm_by_name, stage_decoder
-from ..segmentor import SegmentationModel
-from .context import context_module
-from .selfattention import context_attention
+from .base import SegmentationModel
 
 
 class FeaturesMemory(nn.Module):

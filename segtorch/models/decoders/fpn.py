@@ -1,4 +1,5 @@
-"""UPerNet: PPM on the last stage plus an FPN over the earlier stages, fused and classified."""
+"""UPerNet's feature pyramid: lateral and output convolutions over the earlier stages, fused with the pyramid
+pooling output (also IDRNet's UPerNet decoder)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,8 +9,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import ActLayer, ConvNormAct, NormLayer, not_inplace
-from ..segmentor import SegmentationModel
-from .psp import PyramidPoolingModule
 
 
 def fpn_layers(in_channels_list: Sequence[int], feats_channels: int, out_channels: int, norm_layer: NormLayer,
@@ -35,25 +34,3 @@ def fpn_fuse(feats: Sequence[torch.Tensor], ppm_net: nn.Module, lateral_convs: n
     size = outs[0].shape[2:]
     outs = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=align_corners) for o in outs[1:]]
     return torch.cat(outs, dim=1)
-
-
-class UPerNet(SegmentationModel):
-    def __init__(self, backbone: nn.Module, num_classes: int, in_channels_list: Sequence[int] = (256, 512, 1024, 2048),
-                 feats_channels: int = 512, pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1,
-                 selected_indices: Sequence[int] | None = None, align_corners: bool = False,
-                 norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU):
-        super().__init__(backbone, num_classes, selected_indices, align_corners)
-        self.check_channels("in_channels_list", in_channels_list, range(len(self.feature_channels)))
-        # PPM on the last stage, FPN over the earlier ones; the toolbox keeps these at the segmentor's top level
-        self.ppm_net = PyramidPoolingModule(in_channels_list[-1], feats_channels, pool_scales, align_corners,
-                                            norm_layer, act_layer)
-        self.lateral_convs, self.fpn_convs = fpn_layers(in_channels_list, feats_channels, feats_channels,
-                                                        norm_layer, act_layer)
-        self.decoder = nn.Sequential(
-            *ConvNormAct(feats_channels * len(in_channels_list), feats_channels, 3, norm_layer=norm_layer,
-                         act_layer=act_layer),
-            nn.Dropout2d(dropout), nn.Conv2d(feats_channels, num_classes, 1))
-
-    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        fused = fpn_fuse(feats, self.ppm_net, self.lateral_convs, self.fpn_convs, self.align_corners)
-        return self.decoder(fused)

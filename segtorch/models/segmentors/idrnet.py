@@ -33,11 +33,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..decoders.context import context_module
+from ..decoders.fpn import fpn_fuse, fpn_layers
+from ..decoders.selfattention import context_attention
 from ..layers import ActLayer, ConvNormAct, NormLayer, stage_decoder
-from ..segmentor import SegmentationModel
-from .context import context_module
-from .selfattention import context_attention
-from .upernet import fpn_fuse, fpn_layers
+from .base import SegmentationModel
 
 # the toolbox switches off non-positive mean relations with this logit before the softmax
 NEGATIVE_RELATION_LOGIT = -1e16

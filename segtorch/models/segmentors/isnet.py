@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..decoders.selfattention import context_attention
 from ..layers import ActLayer, ConvNormAct, NormLayer, classifier, stage_decoder
-from ..segmentor import SegmentationModel
-from .selfattention import context_attention
+from .base import SegmentationModel
 
 
 class ImageLevelContext(nn.Module):

@@ -1,0 +1,1 @@
+"""Whole segmentation networks (backbone + decode head), one module per family; ``base`` holds what they share."""
