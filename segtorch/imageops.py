@@ -56,11 +56,15 @@ def resize_size(height: int, width: int, size, keep_ratio: bool = True, min_size
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(image - mean) / std as float32 HxWx3 with the toolbox's rounding: its ``cv2.subtract`` of a float64
-    scalar from float32 data works in float32, and ``cv2.multiply`` by the float64 inverse std rounds the double
-    product back to float32. The same arithmetic, bit for bit. ``mean``/``std`` in the image's channel order."""
+    """(image - mean) / std as float32 HxWx3, computed as the toolbox's Normalize computes it: OpenCV's
+    ``subtract`` of the float64 mean and ``multiply`` by the float64 inverse std, in place on a float32 copy.
+    The rounding of that product is OpenCV's own (4.x rounds the double product, 5.x multiplies by the
+    inverse rounded to float32): calling the same functions gives the toolbox's bits under either.
+    ``mean``/``std`` in the image's channel order."""
+    import cv2
     import numpy as np
 
-    mean32 = np.asarray(mean, dtype=np.float64).astype(np.float32)
-    inv_std = 1.0 / np.asarray(std, dtype=np.float64)
-    return ((image.astype(np.float32) - mean32) * inv_std).astype(np.float32)
+    out = image.astype(np.float32)  # a copy: the caller's image is left alone
+    cv2.subtract(out, np.asarray(mean, dtype=np.float64).reshape(1, -1), out)
+    cv2.multiply(out, 1.0 / np.asarray(std, dtype=np.float64).reshape(1, -1), out)
+    return out

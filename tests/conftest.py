@@ -8,6 +8,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+@pytest.fixture(scope="session")
+def case_dir(tmp_path_factory) -> Path:
+    """Where the inference parity cases' image files are written (once per session)."""
+    return tmp_path_factory.mktemp("inference_cases")
+
+
 @pytest.fixture(autouse=True)
 def _free_tmp_path(request):
     """Parity and checkpoint tests write checkpoints of hundreds of MB; pytest keeps every test's tmp_path

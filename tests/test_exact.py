@@ -1,7 +1,7 @@
 """``exact=True``: the toolbox's computation step for step, held to 2e-6 (relative) of its scores and to its very
 label maps.
 
-Sources of truth, as in test_inference.py: the recorded outputs of the toolbox (tests/fixtures/inference,
+Sources of truth, as in test_procedure.py: the recorded outputs of the toolbox (tests/fixtures/inference,
 recorded once by tests/fixtures/record_inference.py) and, where ``ssseg`` is importable, the toolbox itself.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import segtorch
 from parity import relative_error, seeded_state_dict
 from segtorch.inference import preprocess, read_image
 from segtorch.inference.predictor import class_argmax, infer_logits, toolbox_logits
-from test_inference import (TINY_SETTINGS, TinyNet, case_dir, infer_kwargs, our_model, rec,  # noqa: F401
-                            recorded, toolbox_only, toolbox_tiny)
+from inference_cases import TINY_SETTINGS, TinyNet, infer_kwargs, our_model, rec, recorded, toolbox_tiny
+from toolbox import toolbox_only
 
 TOLERANCE = 2e-6  # relative, as the issue states it: the same float32 operations give ~1e-7 across machines
 SLOW_CASES = {"slide_larger", "lip_slide_ms_flip"}  # 15-30 s each on two shared cores

@@ -83,3 +83,14 @@ def build_reference(name: str, build, *args, **kwargs):
         if is_reference_commit() or not _raised_inside_toolbox(e):
             raise
         pytest.skip(f"the installed toolbox (not eb1878c1) cannot build {name}: {type(e).__name__}: {e}")
+
+
+# marks for a test that runs the toolbox: skipped where ssseg is not importable
+needs_toolbox = [pytest.mark.reference,
+                 pytest.mark.skipif(not toolbox_importable(), reason="the SSSegmentation toolbox (ssseg) is not importable")]
+
+
+def toolbox_only(test):
+    for mark in needs_toolbox:
+        test = mark(test)
+    return test
