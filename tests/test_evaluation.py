@@ -223,7 +223,7 @@ def test_reproduce_cli_end_to_end(tmp_path, monkeypatch, capsys):
     make_ade20k(tmp_path)
     calls, loads = [], []
 
-    def fake_load(name, checkpoint=None, device="cpu", precision="fp32", runtime=None):
+    def fake_load(name, checkpoint=None, device="cpu", precision="fp32", exact=False, runtime=None):
         loads.append((name, checkpoint, device, runtime))
         return FakeSegmenter(calls, segtorch.model_card(name))
 

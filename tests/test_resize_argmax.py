@@ -43,15 +43,16 @@ def _assert_ties_only(ours, scores_full):
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("n_in,n_out", [(24, 640), (18, 480), (64, 683), (7, 13), (3, 1000), (5, 5), (1, 9)])
 def test_source_rows_are_the_kernels(n_in, n_out, align_corners):
-    """Weights as ATen's kernel uses them: read back from it by resizing one-hot rows (within one rounding:
-    the kernel's source coordinate is one fused multiply-add where the CPU has one)."""
+    """Weights as ATen's kernel uses them: read back from it by resizing one-hot rows (within one rounding on
+    torch 2.9 and later: the kernel's source coordinate is one fused multiply-add where the CPU has one; torch
+    2.8's kernel rounds its coordinate in another order, up to 2^-20 apart)."""
     probe = F.interpolate(torch.eye(n_in).reshape(1, n_in, n_in, 1), size=(n_out, 1), mode="bilinear",
                           align_corners=align_corners)[0, :, :, 0]  # n_in x n_out: weight of row k for row i
     i0, i1, w0, w1 = source_rows(n_in, n_out, align_corners, torch.float32)
     ours = torch.zeros(n_in, n_out)
     ours[i0, torch.arange(n_out)] += w0
     ours[i1, torch.arange(n_out)] += w1
-    assert (ours - probe).abs().max() <= 2 ** -23
+    assert (ours - probe).abs().max() <= (2 ** -23 if torch.__version__ >= "2.9" else 2 ** -20)
 
 
 @pytest.mark.parametrize("align_corners", [False, True])

@@ -162,9 +162,9 @@ def load_onnx_segmenter(card, path: str | os.PathLike, device: torch.device, pre
     from ..segmenter import Segmenter
 
     runtime = runtime or "onnxruntime"
-    require_runtime(runtime)
-    if Path(path).suffix.lower() != ".onnx":
+    if Path(path).suffix.lower() != ".onnx":  # before asking for the runtime: none would run this file
         raise UsageError(f"runtime={runtime!r} runs files written by `segtorch export`; {path} is not .onnx")
+    require_runtime(runtime)
     if precision != "fp32" or compile:
         raise CheckpointError(f"{path}: an ONNX file runs as exported (float32 or int8), without autocast or "
                               f"torch.compile; drop precision={precision!r}/compile")
