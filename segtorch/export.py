@@ -219,9 +219,13 @@ def _finish_file(path: Path, props: dict[str, str]) -> None:
     del proto.metadata_props[:]
     for key, value in props.items():
         proto.metadata_props.add(key=key, value=value)
+    # the exporter's shapes of intermediate values are hints a runtime may trust: for Swin's shifted-window masks
+    # they equate sizes that differ between inputs, and onnxruntime without graph optimisations then reuses a
+    # buffer of the wrong shape ({1,144,144} != {2,144,144}). Every runtime infers them from the operators.
+    del proto.graph.value_info[:]
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     names = {dims[i].dim_param: name for i, name in zip((0, 2, 3), INPUT_AXES) if dims[i].dim_param}
-    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+    for value in [*proto.graph.input, *proto.graph.output]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param:  # a symbol, or an expression of them: "((s53 - 1)//8) + 1"
                 dim.dim_param = re.sub(r"\w+", lambda m: names.get(m.group(0), m.group(0)), dim.dim_param)
