@@ -66,10 +66,23 @@ def is_reference_commit() -> bool:
     return h.hexdigest() == REFERENCE_MODULES_SHA256
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
 def _raised_inside_toolbox(error: BaseException) -> bool:
+    """Whether the toolbox's code, not segtorch's or the tests', is where ``error`` arose: the innermost frame that
+    is either's decides (frames in torch or numpy, called by either, do not)."""
     root = toolbox_root()
-    frames = traceback.extract_tb(error.__traceback__)
-    return root is not None and bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(root.resolve())
+    if root is None:
+        return False
+    ours = (REPOSITORY / "segtorch", REPOSITORY / "tests")
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = Path(frame.filename).resolve()
+        if path.is_relative_to(root.resolve()):
+            return True
+        if any(path.is_relative_to(p) for p in ours):
+            return False
+    return False
 
 
 def build_reference(name: str, build, *args, **kwargs):
